@@ -1,0 +1,1 @@
+"""Partition, the router model, ensemble sampling, the aggregator and evaluation."""

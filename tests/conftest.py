@@ -1,0 +1,73 @@
+"""Shared fixtures: small CPU budgets, child processes that are always reaped, and a free loopback address."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+# Two cores on CI: keep torch from oversubscribing when several peers or trainers run at once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def spawn(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start a child process (its own process group, output to a log file); every one is killed at teardown."""
+    children: list[subprocess.Popen] = []
+
+    def _spawn(args: list[str], name: str = "child", env: dict | None = None, **kwargs) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}-{len(children)}.log", "w+b")  # noqa: SIM115 (closed by the reaper)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True, **kwargs
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        proc._log_file = log  # type: ignore[attr-defined]
+        children.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in children:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        proc._log_file.close()  # type: ignore[attr-defined]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2, message: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail the test with `message` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
+        time.sleep(interval)
+
+
+def read_log(proc: subprocess.Popen) -> str:
+    with open(proc.log_path, "rb") as f:  # type: ignore[attr-defined]
+        return f.read().decode(errors="replace")
+
+
+ISLES = [sys.executable, "-m", "isles.client.cli.app"]
