@@ -1,0 +1,168 @@
+"""Ensemble sampling in flow-matching velocity space: routing modes and the Euler sampler that mixes experts.
+
+x_t = (1-t) x0 + t eps, t=1 is noise; each expert gives a velocity v_k(x_t, t) = eps - x0 (DDPM experts are converted
+by their objective first), the router gives p(k | x_t, t[, c]), and the step uses sum_k w_k v_k with w from p.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from isles.protocol.errors import IslesError
+
+# velocity_fn(x_t [B,...], t [B], class_labels [B] | None) -> v [B,...]
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# router_fn(x_t, t, class_labels) -> logits [B, K]
+RouterFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+ROUTING_HELP = "top1, top2, topk:K, full, or threshold:P (every expert with p >= P, at least the most probable)"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How router probabilities become mixing weights. `mode` is one of top-k, full and threshold."""
+
+    mode: str  # "topk" | "full" | "threshold"
+    k: int = 1
+    p: float = 0.0
+
+    def __str__(self) -> str:
+        return {"topk": f"top{self.k}", "full": "full", "threshold": f"threshold:{self.p:g}"}[self.mode]
+
+
+def parse_routing(spec: str) -> Routing:
+    """'top1', 'top2', 'topk:3', 'full', 'threshold:0.2' -> Routing; anything else raises IslesError."""
+    text = spec.strip().lower()
+    if text == "full":
+        return Routing("full")
+    if match := re.fullmatch(r"top(?:k:|-|_)?(\d+)", text):
+        k = int(match.group(1))
+        if k >= 1:
+            return Routing("topk", k=k)
+    if match := re.fullmatch(r"threshold:([0-9]*\.?[0-9]+)", text):
+        p = float(match.group(1))
+        if 0.0 <= p <= 1.0:
+            return Routing("threshold", p=p)
+    raise IslesError(f"unknown routing mode {spec!r}", hint=f"use one of: {ROUTING_HELP}")
+
+
+def router_probabilities(logits: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over the experts present only: a partial ensemble renormalises the router over what it has."""
+    logits = logits.float()
+    if present is not None:
+        if not bool(present.any()):
+            raise IslesError("the ensemble has no experts", hint="publish at least one expert before sampling")
+        logits = logits.masked_fill(~present.to(logits.device)[None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def routing_weights(probs: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Mixing weights [B, K] from probabilities [B, K]: zero outside the chosen experts, each row sums to one."""
+    if routing.mode == "full":
+        weights = probs.clone()
+    elif routing.mode == "topk":
+        available = int((probs > 0).sum(dim=-1).min())
+        k = max(1, min(routing.k, available, probs.shape[-1]))
+        top = probs.topk(k, dim=-1)
+        weights = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+    elif routing.mode == "threshold":
+        keep = probs >= routing.p
+        keep.scatter_(-1, probs.argmax(dim=-1, keepdim=True), True)  # never an empty set
+        weights = torch.where(keep, probs, torch.zeros_like(probs))
+    else:
+        raise IslesError(f"unknown routing mode {routing.mode!r}", hint=f"use one of: {ROUTING_HELP}")
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def guided(velocity_fn: VelocityFn, guidance_scale: float, null_label: int | None) -> VelocityFn:
+    """Classifier-free guidance on one expert, before mixing: v = v(null) + w (v(c) - v(null))."""
+    if guidance_scale == 1.0 or null_label is None:
+        return velocity_fn
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        if class_labels is None:
+            return velocity_fn(x_t, t, None)
+        null = torch.full_like(class_labels, null_label)
+        both = velocity_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return fn
+
+
+def mixed_velocity(
+    experts: Sequence[VelocityFn | None],
+    weights: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_k w_k v_k(x_t, t); each expert runs only on the rows that give it a non-zero weight."""
+    out = torch.zeros_like(x_t, dtype=torch.float32)
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    for k, fn in enumerate(experts):
+        rows = (weights[:, k] > 0).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        if fn is None:
+            raise IslesError(f"expert_{k} is missing but was given weight", hint="renormalise over present experts")
+        labels = class_labels[rows] if class_labels is not None else None
+        v = fn(x_t[rows], t[rows], labels).float()
+        out[rows] += weights[rows, k].reshape(shape) * v
+    return out
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # [B, C, H, W] in the data scale, [-1, 1] for pixels
+    weights: torch.Tensor | None = None  # [steps, B, K] mixing weights used at each step
+    times: torch.Tensor | None = None  # [steps] the t of each step
+
+    @property
+    def choices(self) -> torch.Tensor | None:
+        """[steps, B]: the expert with the largest weight at each step (the one that served it under top-1)."""
+        return None if self.weights is None else self.weights.argmax(dim=-1)
+
+
+@torch.no_grad()
+def sample_ensemble(
+    experts: Sequence[VelocityFn | None],
+    router: RouterFn,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 30,
+    routing: Routing | str = "top1",
+    class_labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    return_routing: bool = False,
+) -> SampleResult:
+    """Euler from t=1 (noise) to t=0 with the routed mixture of expert velocities; seeded through `generator`.
+
+    `experts[k]` is None where expert k is missing; the router is renormalised over the others.
+    """
+    if steps < 1:
+        raise IslesError(f"steps must be at least 1, got {steps}", hint="use --steps 30")
+    routing = parse_routing(routing) if isinstance(routing, str) else routing
+    present = torch.tensor([fn is not None for fn in experts], dtype=torch.bool)
+    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    if class_labels is not None:
+        class_labels = class_labels.to(device)
+    times = torch.linspace(1.0, 0.0, steps + 1)
+    trace = []
+    for i in range(steps):
+        t = torch.full((shape[0],), float(times[i]), device=device)
+        probs = router_probabilities(router(x, t, class_labels), present.to(device))
+        weights = routing_weights(probs, routing)
+        if return_routing:
+            trace.append(weights.cpu())
+        v = mixed_velocity(experts, weights, x, t, class_labels)
+        x = x + float(times[i + 1] - times[i]) * v  # dt < 0: toward the data
+    return SampleResult(
+        images=x,
+        weights=torch.stack(trace) if return_routing else None,
+        times=times[:-1] if return_routing else None,
+    )
