@@ -162,3 +162,106 @@ def test_sampler_is_seeded_deterministic_and_recovers_the_mixture():
     )
     assert (partial.choices != 0).all()
     assert torch.isfinite(partial.images).all()
+
+
+def ddpm_expert(k: int):
+    """The optimal eps-predictor of cluster k on the cosine VP schedule, converted to velocity by its objective."""
+    from isles.experts.objectives import TIMESTEP_SCALE, cosine_alpha_bar, expert_velocity
+
+    def model_fn(x_vp, timestep):
+        ab = cosine_alpha_bar(timestep.double() / TIMESTEP_SCALE)[:, None]
+        # x_vp = sqrt(ab) x0 + sqrt(1-ab) eps, x0 ~ N(mu_k, sigma_k^2): E[eps | x_vp] by Gaussian conditioning.
+        var = ab * SIGMAS[k] ** 2 + (1 - ab)
+        return (1 - ab).sqrt() / var * (x_vp.double() - ab.sqrt() * MUS[k][None])
+
+    return lambda x_t, t, labels: expert_velocity("ddpm", model_fn, x_t.double(), t)
+
+
+def test_flow_matching_and_ddpm_experts_mix_exactly_in_one_ensemble():
+    x_t, t = _noisy_points(256, seed=3)
+    experts = [fm_expert(0), ddpm_expert(1), fm_expert(2)]
+    torch.testing.assert_close(experts[1](x_t, t, None).double(), fm_expert(1)(x_t, t, None), rtol=1e-4, atol=1e-4)
+    weights = routing_weights(router_probabilities(exact_router(x_t, t, None)), Routing("full"))
+    v = mixed_velocity(experts, weights.double(), x_t, t).double()
+    torch.testing.assert_close(v, marginal_velocity(x_t, t), rtol=1e-4, atol=1e-4)
+
+
+# --- EnsemblePipeline: save / load, verification, partial ensembles ----------------------------------------------
+
+
+def _tiny_pipeline(indices=(0, 1, 2), num_experts=3, objectives=("fm", "ddpm", "fm")):
+    from isles.experts.presets import build_model
+    from isles.router.ensemble import EnsemblePipeline, Expert
+    from isles.router.model import RouterConfig, RouterModel
+
+    torch.manual_seed(0)
+    experts = {
+        i: Expert(i, build_model("unet-tiny", channels=1, resolution=8, num_classes=4), objectives[i], {"note": i})
+        for i in indices
+    }
+    router = RouterModel(RouterConfig(num_experts=num_experts, in_channels=1, resolution=8, num_classes=4, width=8))
+    return EnsemblePipeline(experts, router, {"name": "tiny"})
+
+
+def test_save_load_round_trip_samples_identically(tmp_path):
+    from isles.router.ensemble import EnsemblePipeline
+
+    pipe = _tiny_pipeline()
+    manifest = pipe.save_pretrained(tmp_path / "ens")
+    assert {"expert_0/config.json", "expert_1/expert.json", "router/model.safetensors"} <= set(manifest["files"])
+    assert (tmp_path / "ens" / "expert_2" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = EnsemblePipeline.from_pretrained(tmp_path / "ens", device="cpu")
+    assert loaded.missing == [] and loaded.experts[1].objective == "ddpm" and loaded.num_classes == 4
+    a = pipe(n=3, class_labels=2, routing="top2", steps=3, seed=5, guidance_scale=2.0)
+    b = loaded(n=3, class_labels=2, routing="top2", steps=3, seed=5, guidance_scale=2.0)
+    torch.testing.assert_close(a.images, b.images)
+    assert a.images.shape == (3, 1, 8, 8)
+
+
+def test_missing_or_corrupt_expert_is_named(tmp_path):
+    import shutil
+
+    from isles.router.ensemble import EnsemblePipeline
+
+    _tiny_pipeline().save_pretrained(tmp_path / "ens")
+    weights = tmp_path / "ens" / "expert_1" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(IslesError, match="expert 1 .*corrupt"):
+        EnsemblePipeline.from_pretrained(tmp_path / "ens", device="cpu")
+    shutil.rmtree(tmp_path / "ens" / "expert_1")
+    with pytest.raises(IslesError, match="expert 1 .*missing"):
+        EnsemblePipeline.from_pretrained(tmp_path / "ens", device="cpu")
+    skipped = EnsemblePipeline.from_pretrained(tmp_path / "ens", device="cpu", skip_broken=True)
+    assert skipped.missing == [1]
+    with pytest.raises(IslesError, match="not an ensemble folder"):
+        EnsemblePipeline.from_pretrained(tmp_path / "nowhere", device="cpu")
+
+
+def test_partial_ensemble_samples_without_the_missing_expert(tmp_path):
+    from isles.router.ensemble import EnsemblePipeline
+
+    _tiny_pipeline(indices=(0, 2)).save_pretrained(tmp_path / "ens")
+    pipe = EnsemblePipeline.from_pretrained(tmp_path / "ens", device="cpu")
+    assert pipe.missing == [1]
+    for routing in ("top1", "top2", "full", "threshold:0.3"):
+        out = pipe(n=4, class_labels=[0, 1, 2, 3], routing=routing, steps=3, seed=1, return_routing=True)
+        assert torch.isfinite(out.images).all()
+        assert (out.weights[:, :, 1] == 0).all()
+        torch.testing.assert_close(out.weights.sum(-1), torch.ones(3, 4))
+    with pytest.raises(IslesError, match="out of range"):
+        pipe(n=2, class_labels=9, steps=1)
+
+
+def test_round_trip_through_a_local_store(tmp_path):
+    from isles.protocol.artifacts import open_store
+    from isles.router.ensemble import EnsemblePipeline
+
+    pipe = _tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "ens")
+    store = open_store(tmp_path / "store")
+    revision = store.publish("tiny-ensemble", tmp_path / "ens", kind="model", message="ensemble")
+    loaded = EnsemblePipeline.from_pretrained("tiny-ensemble", store=store, cache_dir=tmp_path / "cache", device="cpu")
+    assert loaded.missing == []
+    a, b = pipe(n=2, steps=2, seed=3), loaded(n=2, steps=2, seed=3)
+    torch.testing.assert_close(a.images, b.images)
+    assert revision in store.list_revisions("tiny-ensemble")
