@@ -1,0 +1,153 @@
+"""Training objectives and the one common velocity space every expert is sampled in (see DOMAIN.md).
+
+Time: flow-matching path x_t = (1 - t) x0 + t eps, t in [0, 1], t = 1 is pure noise, velocity v = eps - x0.
+Data is scaled to [-1, 1] (pixels) or is unit-scale VAE latents. Model timesteps are continuous, `1000 * s`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+OBJECTIVES = ("fm", "ddpm")
+TIMESTEP_SCALE = 1000.0  # models see timesteps in [0, 1000], the range diffusers' sinusoidal embeddings expect
+_COSINE_OFFSET = 0.008  # Nichol & Dhariwal (2021), eq. 17
+_MIN_ONE_MINUS_T = 0.01  # DOMAIN.md: x0_hat = (x_t - t * eps_hat) / max(1 - t, 0.01)
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_in, timestep [B]) -> raw model output
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        from isles.protocol.errors import IslesError
+
+        raise IslesError(f"unknown objective {objective!r}", hint=f"use one of: {', '.join(OBJECTIVES)}")
+    return objective
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+# --- DDPM cosine schedule, continuous in s in [0, 1] ------------------------------------------------------------
+
+
+def cosine_alpha_bar(s: torch.Tensor) -> torch.Tensor:
+    """alpha_bar(s) = f(s) / f(0), f(s) = cos^2((s + 0.008) / 1.008 * pi / 2) (Nichol & Dhariwal, eq. 17)."""
+    f = torch.cos((s + _COSINE_OFFSET) / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
+    f0 = math.cos(_COSINE_OFFSET / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
+    return (f / f0).clamp(0.0, 1.0)
+
+
+def cosine_s_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The inverse of `cosine_alpha_bar`: the schedule position with this alpha_bar."""
+    f0 = math.cos(_COSINE_OFFSET / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
+    angle = torch.arccos(torch.sqrt((alpha_bar * f0).clamp(0.0, 1.0)))
+    return (angle * 2 / math.pi * (1 + _COSINE_OFFSET) - _COSINE_OFFSET).clamp(0.0, 1.0)
+
+
+def ddpm_input(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map a point of the flow path to the DDPM expert's own input at the same signal-to-noise ratio.
+
+    alpha_bar = (1-t)^2 / ((1-t)^2 + t^2) and x_vp = x_t / sqrt((1-t)^2 + t^2), so that
+    x_vp = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps with the same x0 and eps. Returns (x_vp, timestep).
+    """
+    t = t.to(torch.float64)
+    norm = torch.sqrt((1 - t) ** 2 + t**2)
+    alpha_bar = (1 - t) ** 2 / norm**2
+    s = cosine_s_from_alpha_bar(alpha_bar)
+    x_vp = x_t / _expand(norm, x_t)
+    return x_vp, (s * TIMESTEP_SCALE).to(torch.float32)
+
+
+# --- the common velocity space -----------------------------------------------------------------------------------
+
+
+def expert_velocity(
+    objective: str, model_fn: ModelFn, x_t: torch.Tensor, t: torch.Tensor, clip_x0: float | None = 1.0
+) -> torch.Tensor:
+    """The velocity v = eps - x0 an expert predicts at (x_t, t), whatever objective it was trained with.
+
+    fm: the model predicts v directly at timestep 1000 t.
+    ddpm: evaluate at the SNR-matched input (`ddpm_input`), then x0_hat = (x_t - t eps_hat) / max(1 - t, 0.01),
+    clamped to [-clip_x0, clip_x0] (pass None for latents, which are not bounded), and v = eps_hat - x0_hat.
+    """
+    check_objective(objective)
+    t = t.to(x_t.device).float()
+    if objective == "fm":
+        return model_fn(x_t, t * TIMESTEP_SCALE)
+    x_vp, timestep = ddpm_input(x_t, t)
+    eps_hat = model_fn(x_vp.to(x_t.dtype), timestep.to(x_t.device)).to(x_t.dtype)
+    te = _expand(t, x_t)
+    x0_hat = (x_t - te * eps_hat) / te.neg().add(1).clamp_min(_MIN_ONE_MINUS_T)
+    if clip_x0 is not None:
+        x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+    return eps_hat - x0_hat
+
+
+# --- training losses ---------------------------------------------------------------------------------------------
+
+
+def draw_noise(x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The randomness of one loss evaluation: t ~ U(0, 1) per item and eps ~ N(0, I), drawn on the generator's
+    device (CPU by default, so a run is reproducible on any accelerator) and moved to x0's device."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    t = torch.rand(x0.shape[0], generator=generator, device=gen_device)
+    eps = torch.randn(x0.shape, generator=generator, device=gen_device)
+    return t.to(x0.device), eps.to(x0.device, x0.dtype)
+
+
+def loss_at(objective: str, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The objective's mean squared error for given clean data, times and noise.
+
+    fm (Lipman et al. 2023; Liu et al. 2023): x_t = (1 - t) x0 + t eps, target v = eps - x0.
+    ddpm (Ho et al. 2020, eq. 14, cosine schedule): x_s = sqrt(ab(s)) x0 + sqrt(1 - ab(s)) eps, target eps; here
+    the uniform draw t plays the role of the schedule position s.
+    """
+    check_objective(objective)
+    te = _expand(t, x0)
+    if objective == "fm":
+        x_t = (1 - te) * x0 + te * eps
+        target = eps - x0
+        pred = model_fn(x_t, t * TIMESTEP_SCALE)
+    else:
+        ab = _expand(cosine_alpha_bar(t.float()), x0)
+        x_s = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        target = eps
+        pred = model_fn(x_s, t * TIMESTEP_SCALE)
+    return torch.mean((pred.float() - target.float()) ** 2)
+
+
+def training_loss(
+    objective: str, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One Monte-Carlo estimate of the objective's loss on a batch of clean data x0 (scalar)."""
+    t, eps = draw_noise(x0, generator)
+    return loss_at(objective, model_fn, x0, t, eps)
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+
+def sample_euler(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) with `steps` Euler steps; returns x0.
+
+    `velocity_fn(x_t, t)` takes t as a float tensor [B]; the noise is drawn on `generator`'s device and moved.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    x = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device or gen_device)
+    times = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        t = torch.full((shape[0],), float(times[i]), device=x.device)
+        v = velocity_fn(x, t)
+        x = x + (times[i + 1] - times[i]).item() * v.to(x.dtype)  # dt < 0: moving from noise toward data
+    return x

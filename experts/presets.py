@@ -1,0 +1,238 @@
+"""Named model sizes: real diffusers models (UNet2DModel, DiTTransformer2DModel) that adapt to the data's shape.
+
+`build_model("unet-tiny", channels=1, resolution=8, num_classes=10)`; `model_forward(model, x, timestep, labels)`;
+`load_model(folder)`. Class-conditional models keep one extra "null" class for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from isles.protocol.errors import IslesError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str  # "unet" or "dit"
+    # unet: base width, per-level multipliers, resnets per level, levels (from the finest) that get attention
+    base: int = 0
+    mults: tuple[int, ...] = ()
+    layers_per_block: int = 1
+    attn_from_level: int = 1
+    # dit: transformer depth, heads, head width, patch size (the DiT paper's S/B/L/XL at /2, /4)
+    layers: int = 0
+    heads: int = 0
+    head_dim: int = 0
+    patch: int = 2
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("unet-tiny", "unet", base=32, mults=(1, 2, 2), layers_per_block=1, note="trains on a CPU in minutes"),
+        Preset("unet-small", "unet", base=64, mults=(1, 2, 2, 2), layers_per_block=2),
+        Preset("unet-base", "unet", base=128, mults=(1, 2, 2, 2), layers_per_block=2, note="DDPM CIFAR-10 size"),
+        Preset("unet-large", "unet", base=192, mults=(1, 2, 3, 4), layers_per_block=2),
+        Preset("dit-tiny", "dit", layers=4, heads=4, head_dim=32, patch=2, note="trains on a CPU in minutes"),
+        Preset("dit-s-2", "dit", layers=12, heads=6, head_dim=64, patch=2),
+        Preset("dit-s-4", "dit", layers=12, heads=6, head_dim=64, patch=4),
+        Preset("dit-b-2", "dit", layers=12, heads=12, head_dim=64, patch=2, note="Paris 1.0 router size"),
+        Preset("dit-b-4", "dit", layers=12, heads=12, head_dim=64, patch=4),
+        Preset("dit-l-2", "dit", layers=24, heads=16, head_dim=64, patch=2),
+        Preset("dit-xl-2", "dit", layers=28, heads=16, head_dim=72, patch=2, note="DDM / Paris 1.0 expert size"),
+    ]
+}
+ALIASES = {"tiny": "unet-tiny", "small": "unet-small", "dit": "dit-tiny"}
+
+
+def get_preset(name: str) -> Preset:
+    name = ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise IslesError(
+            f"unknown model preset {name!r}",
+            hint=f"use one of: {', '.join(list(ALIASES) + list(PRESETS))} (see `isles train-expert --help`)",
+        )
+    return PRESETS[name]
+
+
+def _groups(width: int) -> int:
+    return math.gcd(32, width)
+
+
+def model_config(preset: str, channels: int, resolution: int, num_classes: int | None) -> dict:
+    """The diffusers constructor arguments of `preset` for data of shape [channels, resolution, resolution]."""
+    p = get_preset(preset)
+    if channels < 1 or resolution < 2:
+        raise IslesError(f"cannot build {p.name} for data of shape [{channels}, {resolution}, {resolution}]")
+    if num_classes is not None and num_classes < 1:
+        raise IslesError(f"num_classes must be at least 1 (got {num_classes}); use None for unconditional models")
+    if p.family == "unet":
+        # Each level but the last halves the resolution; stop at 4x4 so small images (digits are 8x8) still fit.
+        if resolution % 2:
+            raise IslesError(
+                f"{p.name} needs an even resolution (got {resolution})", hint="resize the data or use a dit preset"
+            )
+        max_levels = max(1, int(math.log2(resolution)) - 1)
+        while max_levels > 1 and resolution % (2 ** (max_levels - 1)):
+            max_levels -= 1
+        mults = p.mults[:max_levels]
+        widths = tuple(p.base * m for m in mults)
+        down = tuple("AttnDownBlock2D" if i >= p.attn_from_level else "DownBlock2D" for i in range(len(widths)))
+        up = tuple("AttnUpBlock2D" if i >= p.attn_from_level else "UpBlock2D" for i in reversed(range(len(widths))))
+        return {
+            "_class_name": "UNet2DModel",
+            "sample_size": resolution,
+            "in_channels": channels,
+            "out_channels": channels,
+            "block_out_channels": widths,
+            "down_block_types": down,
+            "up_block_types": up,
+            "layers_per_block": p.layers_per_block,
+            "attention_head_dim": 32 if p.base >= 64 else 16,
+            "norm_num_groups": _groups(p.base),
+            "num_class_embeds": None if num_classes is None else num_classes + 1,  # + the null class
+        }
+    if resolution % p.patch:
+        raise IslesError(
+            f"{p.name} uses {p.patch}x{p.patch} patches, which do not tile a {resolution}x{resolution} input",
+            hint="pick a preset whose patch size divides the resolution (e.g. a /2 preset), or resize the data",
+        )
+    return {
+        "_class_name": "DiTTransformer2DModel",
+        "sample_size": resolution,
+        "in_channels": channels,
+        "out_channels": channels,
+        "num_layers": p.layers,
+        "num_attention_heads": p.heads,
+        "attention_head_dim": p.head_dim,
+        "patch_size": p.patch,
+        # diffusers' DiT always embeds a label; it keeps one extra row (index num_embeds_ada_norm) for "no label".
+        # Unconditional models are 1-class models that are always fed the null class.
+        "num_embeds_ada_norm": 1 if num_classes is None else num_classes,
+    }
+
+
+def _instantiate(config: dict) -> torch.nn.Module:
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    kwargs = {k: v for k, v in config.items() if k != "_class_name"}
+    cls = UNet2DModel if config["_class_name"] == "UNet2DModel" else DiTTransformer2DModel
+    return _prepare(cls(**kwargs))
+
+
+def _prepare(model: torch.nn.Module) -> torch.nn.Module:
+    # DiT drops labels itself in train mode with the global RNG; isles does label dropout in the task instead
+    # (reproducible, same for both families), so switch the built-in one off. The null row stays in the table.
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return model
+
+
+def build_model(preset: str, channels: int, resolution: int, num_classes: int | None = None) -> torch.nn.Module:
+    """A freshly initialised diffusers model of `preset` for [channels, resolution, resolution] data."""
+    return _instantiate(model_config(preset, channels, resolution, num_classes))
+
+
+def is_dit(model: torch.nn.Module) -> bool:
+    return type(model).__name__ == "DiTTransformer2DModel"
+
+
+def model_num_classes(model: torch.nn.Module) -> int | None:
+    """Number of real classes a model is conditioned on; None for an unconditional model."""
+    if is_dit(model):
+        n = model.config.num_embeds_ada_norm
+        return None if n == 1 else n
+    n = model.config.num_class_embeds
+    return None if n is None else n - 1
+
+
+def null_class(model: torch.nn.Module) -> int | None:
+    """The label index meaning "no label" (classifier-free guidance); None for an unconditional UNet."""
+    if is_dit(model):
+        return model.config.num_embeds_ada_norm
+    n = model.config.num_class_embeds
+    return None if n is None else n - 1
+
+
+def model_forward(
+    model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The model's raw output for x [B, C, H, W] at timesteps [B] (0..1000). class_labels None on a conditional
+    model means unconditional (the null class); labels equal to `null_class(model)` are allowed too."""
+    timestep = timestep.reshape(-1).to(x.device)
+    if timestep.numel() == 1 and x.shape[0] > 1:
+        timestep = timestep.expand(x.shape[0])
+    null = null_class(model)
+    if class_labels is None and null is not None:
+        class_labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
+    elif class_labels is not None:
+        if null is None:
+            raise IslesError("this model is unconditional: it takes no class labels")
+        class_labels = class_labels.to(x.device, torch.long)
+    if is_dit(model):
+        return model(x, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
+    return model(x, timestep, class_labels=class_labels, return_dict=False)[0]
+
+
+def load_model(folder: str | Path) -> torch.nn.Module:
+    """A model from a diffusers folder (config.json + diffusion_pytorch_model.safetensors), safetensors only."""
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise IslesError(f"no diffusers model in {folder} (config.json is missing)")
+    class_name = json.loads(config_path.read_text()).get("_class_name")
+    classes = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+    if class_name not in classes:
+        raise IslesError(f"{config_path}: unsupported model class {class_name!r}", hint="expected UNet2DModel or DiT")
+    if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+        raise IslesError(f"no weights in {folder} (diffusion_pytorch_model.safetensors is missing)")
+    return _prepare(classes[class_name].from_pretrained(folder, use_safetensors=True))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=64)
+def preset_stats(preset: str, channels: int, resolution: int, num_classes: int | None = None) -> dict[str, int]:
+    """Parameter count and training FLOPs per sample (forward + backward, counted by torch.utils.flop_counter).
+
+    The model is built on the meta device, so even DiT-XL/2 costs no memory and no arithmetic to count.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = model_config(preset, channels, resolution, num_classes)
+    with torch.device("meta"):
+        model = _instantiate(config)
+        x = torch.zeros(1, channels, resolution, resolution)
+        t = torch.zeros(1)
+        labels = None if num_classes is None else torch.zeros(1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model_forward(model, x, t, labels)
+        out.float().pow(2).mean().backward()
+    return {"parameters": count_parameters(model), "train_flops_per_sample": int(counter.get_total_flops())}
+
+
+def describe_presets(channels: int = 4, resolution: int = 32, num_classes: int | None = 1000) -> list[dict]:
+    """One row per preset for a data shape (default: the papers' 32x32x4 SD-VAE latents, ImageNet classes)."""
+    rows = []
+    for name, p in PRESETS.items():
+        try:
+            stats = preset_stats(name, channels, resolution, num_classes)
+        except IslesError as exc:
+            stats = {"error": exc.message}
+        rows.append({"preset": name, "family": p.family, "note": p.note, **stats})
+    return rows
