@@ -1,0 +1,307 @@
+"""`isles demo`: the whole system on one machine, each role its own process on 127.0.0.1, with a local store.
+
+Partition digits -> bootstrap node with the manifest -> N volunteers (`isles join`) + the aggregator (`isles aggregate
+--until-complete`) -> sample a grid from the published ensemble -> a summary. Run: `isles demo --quick`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from isles.protocol.errors import IslesError
+
+JOIN_LINE = re.compile(r"--peers\s+(\S+/p2p/\S+)")
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Sizes of one demo run; `quick` fits in under 2 minutes on 2 CPU cores, `full` in under 10."""
+
+    experts: int
+    volunteers: int
+    preset: str
+    expert_steps: int
+    router_steps: int
+    global_batch: int
+    checkpoint_period: float  # seconds between checkpoint pushes
+    lease_ttl: float
+    heartbeat_period: float
+    settle_period: float
+    sample_steps: int
+    timeout: float  # the whole demo gives up after this many seconds
+
+
+QUICK = DemoRecipe(4, 2, "unet-tiny", 150, 150, 32, 10.0, 8.0, 2.0, 1.0, 20, 240.0)
+FULL = DemoRecipe(4, 2, "unet-tiny", 1200, 800, 64, 30.0, 20.0, 5.0, 2.0, 30, 900.0)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    work_dir: Path
+    recipe: DemoRecipe
+    experts: int
+    volunteers: int
+    seed: int = 0
+    echo: bool = True  # copy the children's output to our stderr, prefixed with their name
+
+
+def isles_command() -> list[str]:
+    """How to start another `isles` process: this interpreter, so the demo works from a venv without PATH."""
+    return [sys.executable, "-m", "isles.client.cli.app"]
+
+
+class Child:
+    """A role in its own process; its output goes to a log file and, prefixed, to our stderr."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, echo: Callable[[str], None] | None, env: dict):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.lines: list[str] = []
+        self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by the reader thread)
+        self.proc = subprocess.Popen(
+            isles_command() + args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        self._echo = echo
+        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            self._log.write(line + "\n")
+            self._log.flush()
+            if self._echo is not None:
+                self._echo(f"{self.name:>10} | {line}")
+        self._log.close()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_output(self, timeout: float) -> None:
+        self._reader.join(timeout)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM (a volunteer hands its unit back), then SIGKILL after `grace` seconds."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _child_env() -> dict:
+    # Several trainers share the cores: one thread each avoids oversubscription; no stdout buffering so logs stream.
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+
+
+def _run_step(name: str, args: list[str], log_dir: Path, echo, timeout: float) -> Child:
+    child = Child(name, args, log_dir, echo, _child_env())
+    try:
+        child.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.stop(grace=5)
+        raise IslesError(f"demo step `{name}` took longer than {timeout:.0f}s", hint=f"see {child.log_path}") from None
+    child.wait_output(10)
+    if child.proc.returncode != 0:
+        tail = "\n".join(child.lines[-5:])
+        raise IslesError(
+            f"demo step `{name}` failed (exit {child.proc.returncode}): {tail}", hint=f"see {child.log_path}"
+        )
+    return child
+
+
+def _wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise IslesError(f"demo: timed out after {timeout:.0f}s waiting for {what}", hint=f"see {log}")
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
+    """Run the demo; returns the summary (see `summary_from`). Children are always stopped, even on failure."""
+    r = config.recipe
+    work = config.work_dir.resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    store = work / "store"
+    echo = log if config.echo else None
+    started = time.monotonic()
+    deadline = started + r.timeout
+    children: list[Child] = []
+    try:
+        log(f"demo: partitioning digits into {config.experts} shards (work folder {work})")
+        # 1. Shards and the run manifest, published to a local store in the work folder.
+        _run_step(
+            "partition",
+            [
+                "partition",
+                "digits",
+                "--experts",
+                str(config.experts),
+                "--out",
+                str(work / "run"),
+                "--store",
+                str(store),
+                "--preset",
+                r.preset,
+                "--steps",
+                str(r.expert_steps),
+                "--router-steps",
+                str(r.router_steps),
+                "--global-batch",
+                str(r.global_batch),
+                "--seed",
+                str(config.seed),
+            ],
+            logs,
+            echo,
+            timeout=max(30.0, deadline - time.monotonic()),
+        )
+        manifest_path = work / "run" / "manifest.json"
+        run_id = json.loads(manifest_path.read_text())["run_id"]
+        # 2. The bootstrap node keeps the manifest alive; its join line tells us its address.
+        boot = Child(
+            "bootstrap",
+            [
+                "bootstrap",
+                "--manifest",
+                str(manifest_path),
+                "--host-maddrs",
+                "/ip4/127.0.0.1/tcp/0",
+                "--identity",
+                str(work / "identities" / "bootstrap"),
+            ],
+            logs,
+            echo,
+            _child_env(),
+        )
+        children.append(boot)
+
+        def join_line():
+            if boot.proc.poll() is not None:
+                raise IslesError("the demo's bootstrap node exited", hint=f"see {boot.log_path}")
+            match = JOIN_LINE.search(boot.output())
+            return match.group(1) if match else None
+
+        peer = _wait_for(join_line, 60, "the bootstrap node", boot.log_path)
+        lease = [
+            "--lease-ttl",
+            str(r.lease_ttl),
+            "--heartbeat-period",
+            str(r.heartbeat_period),
+            "--settle-period",
+            str(r.settle_period),
+        ]
+        # 3. Volunteers and the aggregator, each its own process and identity.
+        for i in range(config.volunteers):
+            name = f"volunteer-{i}"
+            children.append(
+                Child(
+                    name,
+                    [
+                        "join",
+                        "--peers",
+                        peer,
+                        "--run",
+                        run_id,
+                        "--store",
+                        str(store),
+                        "--work-dir",
+                        str(work / name),
+                        "--identity",
+                        str(work / "identities" / name),
+                        "--checkpoint-period",
+                        str(r.checkpoint_period),
+                        "--device",
+                        "cpu",
+                        "--name",
+                        name,
+                        *lease,
+                    ],
+                    logs,
+                    echo,
+                    _child_env(),
+                )
+            )
+        summary_path = work / "aggregate-summary.json"
+        agg = Child(
+            "aggregator",
+            [
+                "aggregate",
+                "--peers",
+                peer,
+                "--run",
+                run_id,
+                "--store",
+                str(store),
+                "--to",
+                f"demo-{run_id}-ensemble",
+                "--work-dir",
+                str(work / "aggregator"),
+                "--identity",
+                str(work / "identities" / "aggregator"),
+                "--until-complete",
+                "--summary",
+                str(summary_path),
+                "--sample-steps",
+                str(r.sample_steps),
+                "--poll-period",
+                "1",
+            ],
+            logs,
+            echo,
+            _child_env(),
+        )
+        children.append(agg)
+
+        def finished():
+            if agg.proc.poll() is not None:
+                return True
+            for c in children:
+                if c.name.startswith("volunteer") and c.proc.poll() not in (None, 0):
+                    log(f"demo: {c.name} exited with {c.proc.returncode}; the others carry on")
+            return False
+
+        _wait_for(finished, max(10.0, deadline - time.monotonic()), "the ensemble to be complete", agg.log_path)
+        agg.wait_output(10)
+        if agg.proc.returncode != 0 or not summary_path.exists():
+            raise IslesError(f"the demo's aggregator failed (exit {agg.proc.returncode})", hint=f"see {agg.log_path}")
+        # Volunteers leave by themselves once every unit is released; give them a moment to say goodbye.
+        for c in children:
+            if c.name.startswith("volunteer"):
+                try:
+                    c.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    c.stop()
+        summary = json.loads(summary_path.read_text())
+        summary["run_id"] = run_id
+        summary["work_dir"] = str(work)
+        summary["logs"] = str(logs)
+        summary["wall_s"] = round(time.monotonic() - started, 1)
+        return summary
+    finally:
+        for c in reversed(children):
+            c.stop()
