@@ -157,7 +157,7 @@ class LocalStore(ArtifactStore):
             for path in expected:
                 src = rev_dir / path
                 if not src.is_file():
-                    raise IntegrityError(
+                    raise ArtifactNotFound(
                         f"{self.uri} {repo}@{revision[:12]}: file {path} named by the record is not in the revision",
                         hint="the store does not hold what the record says; the artifact cannot be used",
                     )

@@ -1,0 +1,267 @@
+"""The Hugging Face Hub artifact store (`hf://<namespace>`): one commit per publish, verified and resumable pulls.
+
+Uses its own `HfApi(endpoint=..., token=...)`, never huggingface_hub's module globals, so tests point it at
+tests/hub_server.py. The token is kept private: it appears in no repr, log line or error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from .artifacts import (
+    MAX_JSON_BYTES,
+    ArtifactNotFound,
+    ArtifactStore,
+    IntegrityError,
+    Kind,
+    StoreUnavailable,
+    check_expected,
+    check_file_path,
+    check_kind,
+    check_repo,
+    folder_files,
+    install_folder,
+    matches,
+    staging_dir,
+    verify_files,
+)
+from .errors import IslesError
+from .files import sha256_file
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LOGIN_HINT = "run `hf auth login` (or set HF_TOKEN) with a token that has write access"
+# The repo's first commit on the Hub (it only adds .gitattributes): not a published revision.
+_INITIAL_COMMIT = "initial commit"
+
+
+def _transient(exc: BaseException) -> bool:
+    """Network trouble or a server-side failure: worth retrying. Anything else (4xx, bad input) is not."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        return status is None or status >= 500 or status in (408, 429)
+    if isinstance(exc, LocalEntryNotFoundError):  # hf_hub_download could not reach the server
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (ConnectionError, TimeoutError)) or module in ("httpx", "httpx2", "httpcore", "requests")
+
+
+class HubStore(ArtifactStore):
+    """Repos `<namespace>/<repo>` on the Hub (or on `endpoint`). Revisions are commit ids."""
+
+    def __init__(
+        self,
+        namespace: str,
+        token: str | None = None,
+        endpoint: str | None = None,
+        retries: int = 5,
+        backoff_period: float = 1.0,
+    ):
+        from huggingface_hub import HfApi, get_token
+
+        if namespace and (not namespace.replace("-", "").replace("_", "").replace(".", "").isalnum()):
+            raise IslesError(f"invalid Hub namespace {namespace!r}", hint="use hf://<user or organization name>")
+        self.namespace = namespace
+        self.uri = f"hf://{namespace}"
+        self._token = token or get_token()
+        self._api = HfApi(endpoint=endpoint, token=self._token or False, library_name="isles")
+        self.endpoint = self._api.endpoint
+        self.retries = retries
+        self.backoff_period = backoff_period
+
+    def __repr__(self) -> str:  # never the token
+        return f"HubStore({self.uri!r}, endpoint={self.endpoint!r}, authenticated={self._token is not None})"
+
+    # Helpers ------------------------------------------------------------------------------------------------------
+
+    def repo_id(self, repo: str) -> str:
+        check_repo(repo)
+        if "/" in repo:
+            return repo
+        if not self.namespace:
+            raise IslesError(
+                f"repo {repo!r} needs a namespace", hint="use hf://<namespace> or a 'namespace/name' repo"
+            )
+        return f"{self.namespace}/{repo}"
+
+    def _where(self, repo: str, kind: str, revision: str | None = None) -> str:
+        at = f"@{revision[:12]}" if revision else ""
+        return f"{kind} repo {self.repo_id(repo)}{at} on {self.endpoint}"
+
+    def _call(self, what: str, fn: Callable[[], T], repo: str, kind: str, revision: str | None = None) -> T:
+        """Run one Hub call, retrying transient failures with exponential backoff; map errors to IslesError."""
+        from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except RepositoryNotFoundError:
+                raise ArtifactNotFound(
+                    f"{kind} repo {self.repo_id(repo)} not found on {self.endpoint} (or not visible to this token)",
+                    hint="check the repo name and the store URI; a private repo needs `hf auth login`",
+                ) from None
+            except RevisionNotFoundError:
+                raise ArtifactNotFound(
+                    f"revision {(revision or '?')[:12]} not found in {self._where(repo, kind)}",
+                    hint="the record names a revision this repo does not hold; check the store URI",
+                ) from None
+            except RemoteEntryNotFoundError:
+                raise ArtifactNotFound(
+                    f"a file named by the record is missing from {self._where(repo, kind, revision)}"
+                ) from None
+            except Exception as exc:
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                if status in (401, 403):
+                    raise IslesError(
+                        f"the Hub refused to {what} {self._where(repo, kind)} ({status})", LOGIN_HINT
+                    ) from None
+                if not _transient(exc):
+                    raise
+                if attempt == self.retries:
+                    raise StoreUnavailable(
+                        f"could not {what} {self._where(repo, kind, revision)} after {attempt + 1} attempts "
+                        f"({type(exc).__name__})",
+                        hint="check the network and https://status.huggingface.co, then run the command again",
+                    ) from None
+                wait = self.backoff_period * 2**attempt
+                log.warning("%s %s failed (%s); retrying in %.1fs", what, self.repo_id(repo), type(exc).__name__, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _download(self, repo: str, revision: str, path: str, folder: Path, kind: str) -> Path:
+        """One file into `folder` (hf_hub_download's local-dir mode: a partial file there resumes next time)."""
+        result = self._call(
+            "download from",
+            lambda: self._api.hf_hub_download(
+                self.repo_id(repo), path, repo_type=kind, revision=revision, local_dir=folder
+            ),
+            repo,
+            kind,
+            revision,
+        )
+        return Path(result)
+
+    # Interface ---------------------------------------------------------------------------------------------------
+
+    def publish(self, repo: str, folder: str | os.PathLike, kind: Kind = "model", message: str = "") -> str:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        check_kind(kind)
+        if not self._token:
+            raise IslesError(f"no Hugging Face token: publishing to {self.uri} needs one", hint=LOGIN_HINT)
+        files = folder_files(folder)
+        repo_id = self.repo_id(repo)
+        self._call("create", lambda: self._api.create_repo(repo_id, repo_type=kind, exist_ok=True), repo, kind)
+
+        def commit() -> str:
+            # The revision holds exactly the folder: files no longer in it are deleted in the same commit. Unchanged
+            # files are skipped by the client, and a commit with nothing left to do returns the current head.
+            remote = self._api.list_repo_files(repo_id, repo_type=kind)
+            ops: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(Path(folder) / p)) for p in files]
+            ops += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in files and p != ".gitattributes"]
+            info = self._api.create_commit(
+                repo_id, operations=ops, commit_message=message or "Publish with isles", repo_type=kind
+            )
+            return info.oid
+
+        revision = self._call("publish to", commit, repo, kind)
+        log.info("published %s to %s", Path(folder).name, self._where(repo, kind, revision))
+        return revision
+
+    def pull(
+        self,
+        repo: str,
+        revision: str,
+        dest: str | os.PathLike,
+        expected: Mapping[str, str],
+        kind: Kind = "model",
+    ) -> Path:
+        expected = check_expected(expected)
+        check_kind(kind)
+        dest = Path(dest)
+        if dest.is_dir() and matches(dest, expected):
+            return dest
+        staging = staging_dir(dest)
+        staging.mkdir(parents=True, exist_ok=True)
+        for path in expected:
+            self._download(repo, revision, path, staging, kind)
+        try:
+            verify_files(staging, expected, f"{self._where(repo, kind, revision)}")
+        except IntegrityError:
+            shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
+            raise
+        shutil.rmtree(staging / ".cache", ignore_errors=True)
+        install_folder(staging, dest)
+        return dest
+
+    def pull_file(
+        self,
+        repo: str,
+        revision: str,
+        path: str,
+        dest: str | os.PathLike,
+        sha256: str,
+        kind: Kind = "model",
+    ) -> Path:
+        check_expected({path: sha256})
+        check_kind(kind)
+        dest = Path(dest)
+        if dest.is_file() and sha256_file(dest) == sha256:
+            return dest
+        staging = staging_dir(dest)
+        staging.mkdir(parents=True, exist_ok=True)
+        downloaded = self._download(repo, revision, path, staging, kind)
+        try:
+            verify_files(staging, {path: sha256}, f"{self._where(repo, kind, revision)}")
+        except IntegrityError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.replace(downloaded, dest)
+        shutil.rmtree(staging, ignore_errors=True)
+        return dest
+
+    def read_bytes(
+        self, repo: str, revision: str, path: str, kind: Kind = "model", max_bytes: int = MAX_JSON_BYTES
+    ) -> bytes:
+        check_file_path(path)
+        with tempfile.TemporaryDirectory(prefix="isles-read-") as tmp:
+            downloaded = self._download(repo, revision, path, Path(tmp), check_kind(kind))
+            if downloaded.stat().st_size > max_bytes:
+                raise IslesError(f"{path} is larger than {max_bytes} bytes", hint="use pull_file for large files")
+            return downloaded.read_bytes()
+
+    def list_revisions(self, repo: str, kind: Kind = "model") -> list[str]:
+        repo_id = self.repo_id(repo)
+        commits = self._call(
+            "list revisions of", lambda: self._api.list_repo_commits(repo_id, repo_type=check_kind(kind)), repo, kind
+        )
+        commits = list(reversed(commits))  # the Hub lists newest first
+        if commits and commits[0].title == _INITIAL_COMMIT:
+            commits = commits[1:]
+        return [c.commit_id for c in commits]
+
+    def exists(self, repo: str, revision: str | None = None, kind: Kind = "model") -> bool:
+        repo_id = self.repo_id(repo)
+        check_kind(kind)
+        if revision is None:
+            return self._call("look up", lambda: self._api.repo_exists(repo_id, repo_type=kind), repo, kind)
+        try:
+            return self._call(
+                "look up",
+                lambda: self._api.revision_exists(repo_id, revision, repo_type=kind),
+                repo,
+                kind,
+                revision,
+            )
+        except ArtifactNotFound:
+            return False
