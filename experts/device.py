@@ -1,0 +1,64 @@
+"""Which device trains, in which precision, and how to describe the hardware in an expert's metrics."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from isles.protocol.errors import IslesError
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The requested device, or the best present: CUDA, then Apple MPS, then CPU."""
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise IslesError(f"unknown device {requested!r}", hint="use cpu, cuda, cuda:1 or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise IslesError("CUDA was requested but no CUDA GPU is usable here", hint="use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise IslesError("MPS was requested but is not available here", hint="use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 autocast on CUDA GPUs that support it ("auto" or "bf16"); None means plain float32.
+
+    CPU and MPS train in float32: bf16 autocast there is slower or unsupported for many ops.
+    """
+    if precision not in ("auto", "bf16", "fp32"):
+        raise IslesError(f"unknown precision {precision!r}", hint="use auto, bf16 or fp32")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if precision == "bf16":
+        raise IslesError(f"bf16 is not supported on {device}", hint="use --precision fp32")
+    return None
+
+
+def describe_device(device: torch.device) -> dict:
+    """A JSON-able description of the hardware (for expert.json and the swarm's claims)."""
+    info = {"device": device.type, "torch": torch.__version__, "platform": platform.platform(terse=True)}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1))
+    elif device.type == "cpu":
+        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    else:
+        info.update(name="Apple MPS")
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
