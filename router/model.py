@@ -129,5 +129,24 @@ class RouterModel(nn.Module):
         return model.to(device).eval()
 
 
-def build_router(config: RouterConfig) -> RouterModel:
-    return RouterModel(config)
+# Named router sizes for the manifest's router recipe (the papers use a DiT-B/2: ~4% of the experts' FLOPs).
+ROUTER_PRESETS: dict[str, dict[str, int]] = {
+    "cnn-tiny": {"width": 16, "stages": 2, "embed_dim": 64},
+    "cnn-small": {"width": 32, "stages": 2, "embed_dim": 128},
+    "cnn-base": {"width": 64, "stages": 3, "embed_dim": 256},
+}
+
+
+def router_config(
+    preset: str, num_experts: int, channels: int, resolution: int, num_classes: int | None
+) -> RouterConfig:
+    """The RouterConfig of a named preset for data of this shape (class-aware when num_classes is given)."""
+    if preset not in ROUTER_PRESETS:
+        raise IslesError(f"unknown router preset {preset!r}", hint=f"use one of: {', '.join(ROUTER_PRESETS)}")
+    return RouterConfig(
+        num_experts=num_experts,
+        in_channels=channels,
+        resolution=resolution,
+        num_classes=num_classes,
+        **ROUTER_PRESETS[preset],
+    )

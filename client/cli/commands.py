@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from . import swarm
+from . import partition, sample, swarm
 
 REGISTRY = [
     swarm.register,
+    partition.register,
+    sample.register,
 ]

@@ -1,0 +1,146 @@
+"""`isles partition SOURCE --experts K --out DIR`: cluster a data set into shards and write the run manifest.
+
+`isles partition digits --experts 4 --out runs/digits --preset unet-tiny --steps 2000 --objectives mixed:1`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import output
+
+
+def register(app: typer.Typer) -> None:
+    app.command("partition")(partition)
+
+
+def partition(
+    source: str = typer.Argument(..., help="digits, a folder of images, or hf:<dataset>[:split]."),
+    experts: int = typer.Option(..., "--experts", "-k", help="Number of clusters = experts."),
+    out: Path = typer.Option(..., "--out", help="Run folder: manifest.json, shards/, clusters/ and the local store."),
+    store: str = typer.Option(None, "--store", help="Where shards are published: hf://<namespace> or a folder."),
+    name: str = typer.Option(None, "--name", help="Run name (default: from the source)."),
+    encoder: str = typer.Option("pixels", "--encoder", help="pixels, pixels:D, dinov2, clip or hf:<model id>."),
+    resolution: int = typer.Option(None, "--resolution", help="Resize items to this size (default: the source's)."),
+    preset: str = typer.Option("unet-tiny", "--preset", help="Expert model preset (see `isles presets`)."),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Training steps of every expert."),
+    objectives: str = typer.Option("fm", "--objectives", help="fm, ddpm, or mixed:N (N DDPM experts)."),
+    global_batch: int = typer.Option(64, "--batch", min=1, help="Global batch of every expert."),
+    lr: float = typer.Option(2e-4, "--lr", help="Expert learning rate."),
+    router_preset: str = typer.Option("cnn-small", "--router-preset", help="cnn-tiny, cnn-small or cnn-base."),
+    router_steps: int = typer.Option(2000, "--router-steps", min=1, help="Training steps of the router."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of every cluster held out."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the encoder fit, k-means, splits and recipes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run id, manifest path and clusters as JSON."),
+) -> None:
+    """Embed every item, cluster with k-means, write and publish one shard per cluster, write the run manifest."""
+    from isles.protocol.errors import IslesError
+    from isles.router.model import ROUTER_PRESETS
+    from isles.router.partition import PartitionConfig, parse_objectives
+    from isles.router.partition import partition as run_partition
+
+    from .sample import image_grid
+
+    parse_objectives(objectives, max(experts, 1))  # fail fast, before loading any data
+    if router_preset not in ROUTER_PRESETS:
+        raise IslesError(f"unknown router preset {router_preset!r}", hint=f"use one of: {', '.join(ROUTER_PRESETS)}")
+    try:
+        from isles.experts.presets import get_preset
+
+        get_preset(preset)
+    except ImportError:  # presets not installed yet: the trainer will check
+        pass
+    config = PartitionConfig(
+        source=source,
+        experts=experts,
+        out=out,
+        store=store,
+        name=name,
+        encoder=encoder,
+        resolution=resolution,
+        val_fraction=val_fraction,
+        seed=seed,
+        preset=preset,
+        objectives=objectives,
+        steps=steps,
+        global_batch=global_batch,
+        lr=lr,
+        router_preset=router_preset,
+        router_steps=router_steps,
+    )
+    with output.progress(transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, info="")
+            bar.update(tasks[stage], completed=done)
+
+        result = run_partition(config, on_progress)
+
+    strips = []
+    for c, examples in enumerate(result.examples):
+        path = out / "clusters" / f"cluster-{c}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = _preview(examples)
+        image_grid(pixels, cols=len(pixels), scale=max(1, 32 // pixels.shape[-1])).save(path)
+        strips.append(str(path))
+    manifest = result.manifest
+    total = sum(result.sizes)
+    rows = []
+    for c, (size, val, counts) in enumerate(zip(result.sizes, result.val_sizes, result.class_counts, strict=True)):
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+        rows.append(
+            {
+                "cluster": c,
+                "items": size,
+                "share": size / total,
+                "val_items": val,
+                "objective": manifest.experts[c].objective,
+                "top_classes": {str(k): v for k, v in top},
+                "examples": strips[c],
+            }
+        )
+    if as_json:
+        output.print_json(
+            {
+                "run_id": manifest.run_id,
+                "manifest": str(result.manifest_path),
+                "store": manifest.store,
+                "clusters": rows,
+            }
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title=f"run {manifest.run_id}: {manifest.name}, {len(rows)} clusters of {total} items")
+    for column in ("cluster", "items", "share", "held out", "objective", "main classes"):
+        table.add_column(column)
+    for row in rows:
+        classes = ", ".join(f"{k} ({v})" for k, v in row["top_classes"].items()) or "-"
+        table.add_row(
+            str(row["cluster"]),
+            str(row["items"]),
+            f"{row['share']:.1%}",
+            str(row["val_items"]),
+            row["objective"],
+            classes,
+        )
+    output.stdout.print(table)
+    output.stdout.print(f"run id:   {manifest.run_id}")
+    output.stdout.print(f"manifest: {result.manifest_path}")
+    output.stdout.print(f"examples: {Path(strips[0]).parent}/cluster-<i>.png")
+    output.stdout.print(f"shards:   {manifest.shards[0].repo}@{manifest.shards[0].revision[:12]} in {manifest.store}")
+
+
+def _preview(items):
+    """uint8 pixels as they are; float latents as their first channel, min-max scaled (a rough look, not a decode)."""
+    import torch
+
+    if items.dtype == torch.uint8:
+        return items
+    x = items[:, :1].float()
+    lo, hi = x.amin(), x.amax()
+    return ((x - lo) / (hi - lo + 1e-8) * 255).round().to(torch.uint8)

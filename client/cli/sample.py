@@ -1,0 +1,146 @@
+"""`isles sample MODEL`: images from an ensemble (a local folder or a store repo) as a PNG grid.
+
+`isles sample ./ensemble --class 3 --n 16 --routing top2 --steps 30 --seed 0 --out grid.png --show-routing`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import output
+
+# One colour per expert for the routing strip (tab10).
+PALETTE = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample)
+
+
+def image_grid(images, cols: int | None = None, scale: int = 1, pad: int = 1):
+    """uint8 [N, C, H, W] (C = 1 or 3) -> a PIL image laid out in a grid with `pad` pixels between items."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    arr = images.cpu().numpy()
+    n, c, h, w = arr.shape
+    if c == 1:
+        arr = np.repeat(arr, 3, axis=1)
+    elif c != 3:
+        arr = np.repeat(arr[:, :1], 3, axis=1)  # latents or odd channel counts: show the first channel
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = arr[i].transpose(1, 2, 0)
+    image = Image.fromarray(grid)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return image
+
+
+def routing_strip(choices, num_experts: int, cell: int = 12):
+    """[steps, n] expert indices -> a PIL image: one row per sample, one coloured cell per step (left = noise)."""
+    import numpy as np
+    from PIL import Image
+
+    steps, n = choices.shape
+    strip = np.zeros((n * cell, steps * cell, 3), dtype=np.uint8)
+    for s in range(steps):
+        for i in range(n):
+            strip[i * cell : (i + 1) * cell, s * cell : (s + 1) * cell] = PALETTE[int(choices[s, i]) % len(PALETTE)]
+    return Image.fromarray(strip)
+
+
+def sample(
+    model: str = typer.Argument(..., help="Ensemble folder, or a repo name in --store (hf://ns/repo works too)."),
+    class_label: int = typer.Option(None, "--class", help="Class to sample (class-conditional ensembles)."),
+    n: int = typer.Option(16, "--n", min=1, help="Number of images."),
+    routing: str = typer.Option("top1", "--routing", help="top1, top2, topk:K, full, or threshold:P."),
+    steps: int = typer.Option(30, "--steps", min=1, help="Euler steps from noise to data."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same images."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale, per expert (1 = off)."),
+    out: Path = typer.Option(Path("grid.png"), "--out", help="Where to write the PNG grid."),
+    show_routing: bool = typer.Option(False, "--show-routing", help="Also write OUT-routing.png and print usage."),
+    store: str = typer.Option(None, "--store", help="Store holding MODEL as a repo (hf://<namespace> or a folder)."),
+    revision: str = typer.Option(None, "--revision", help="Revision of the repo (default: the newest)."),
+    skip_broken: bool = typer.Option(False, "--skip-broken", help="Leave out missing or corrupt experts."),
+    scale: int = typer.Option(0, "--scale", min=0, help="Upscale factor of the PNG (default: to ~64 px per item)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best available)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
+) -> None:
+    """Sample an ensemble: every step mixes the routed experts' velocities; writes a PNG grid."""
+    import torch
+    from isles.experts.data import to_pixels
+    from isles.router.ensemble import EnsemblePipeline
+    from isles.router.sampling import parse_routing
+
+    routing_mode = parse_routing(routing)  # a bad mode fails before any download
+    source, the_store = _resolve(model, store)
+    with output.stderr.status(f"loading {model}"):
+        pipe = EnsemblePipeline.from_pretrained(
+            source, store=the_store, revision=revision, device=device, skip_broken=skip_broken
+        )
+    output.stderr.print(
+        f"ensemble: {pipe.num_experts} experts ({len(pipe.experts)} present), routing {routing_mode}, {steps} steps"
+    )
+    result = pipe(
+        n=n,
+        class_labels=class_label,
+        routing=routing_mode,
+        steps=steps,
+        seed=seed,
+        guidance_scale=guidance,
+        return_routing=show_routing,
+    )
+    scale = scale or max(1, 64 // pipe.resolution)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(to_pixels(result.images), scale=scale).save(out)
+    written = {"grid": str(out), "n": n, "class": class_label, "routing": str(routing_mode), "seed": seed}
+    if show_routing:
+        choices = result.choices
+        strip_path = out.with_name(out.stem + "-routing.png")
+        routing_strip(choices, pipe.num_experts).save(strip_path)
+        usage = torch.bincount(choices.reshape(-1), minlength=pipe.num_experts).tolist()
+        written["routing_strip"] = str(strip_path)
+        written["steps_per_expert"] = usage
+        per_step = [[int(c) for c in row] for row in choices.T]
+        written["choices"] = per_step
+        output.stderr.print(f"routing strip: {strip_path} (rows = samples, columns = steps from noise to data)")
+    if as_json:
+        output.print_json(written)
+        return
+    output.stdout.print(f"wrote {out}")
+    if show_routing:
+        for i, count in enumerate(written["steps_per_expert"]):
+            output.stdout.print(f"expert_{i}: {count} sample-steps")
+
+
+def _resolve(model: str, store: str | None):
+    """(source, store or None): a local folder, `hf://namespace/repo[@rev]`, or a repo name in --store."""
+    from isles.protocol.artifacts import open_store
+    from isles.protocol.errors import IslesError
+
+    if store is None and model.startswith(("hf://", "huggingface://")):
+        rest = model.split("://", 1)[1].strip("/")
+        if "/" not in rest:
+            raise IslesError(f"{model} names no repo", hint="use hf://<namespace>/<repo>")
+        namespace, repo = rest.rsplit("/", 1)
+        return repo, open_store(f"hf://{namespace}")
+    if store is not None:
+        return model, open_store(store)
+    if not Path(model).exists():
+        raise IslesError(
+            f"no ensemble at {model}",
+            hint="pass the folder written by `isles aggregate`, or a repo with --store <uri>",
+        )
+    return model, None

@@ -1,0 +1,114 @@
+"""`isles partition`: clusters, shards with held-out splits, published shards and a valid run manifest; bad input is
+one clear error line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import ISLES
+from isles.experts.data import load_shard
+from isles.protocol.artifacts import open_store
+from isles.protocol.errors import IslesError
+from isles.protocol.records import load_manifest_json
+from isles.router.encoders import make_encoder
+from isles.router.partition import PartitionConfig, kmeans, parse_objectives, partition
+from sklearn.datasets import load_digits
+
+
+def test_kmeans_finds_separated_blobs_and_orders_clusters_by_size():
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    sizes = [50, 200, 100]
+    x = np.concatenate([c + rng.normal(size=(n, 2)) for c, n in zip(centers, sizes, strict=True)])
+    ids = kmeans(x, 3, seed=0)
+    assert np.bincount(ids).tolist() == [200, 100, 50]
+    assert (ids[:50] == 2).all() and (ids[50:250] == 0).all()
+    with pytest.raises(IslesError, match="cannot make 400 clusters from 350 items"):
+        kmeans(x, 400)
+
+
+def test_empty_cluster_is_an_error():
+    x = np.zeros((10, 2))  # every item identical: k-means cannot fill 3 clusters
+    with pytest.raises(IslesError, match="empty"):
+        kmeans(x, 3)
+
+
+def test_objectives_spec():
+    assert parse_objectives("fm", 3) == ["fm"] * 3
+    assert parse_objectives("mixed:2", 4) == ["ddpm", "ddpm", "fm", "fm"]
+    for bad in ("mixed:5", "adam", "mixed:"):
+        with pytest.raises(IslesError):
+            parse_objectives(bad, 4)
+
+
+def test_encoder_specs():
+    assert make_encoder("pixels:8").dim == 8
+    with pytest.raises(IslesError, match="unknown encoder"):
+        make_encoder("resnet")
+
+
+def test_partition_digits_writes_shards_store_and_manifest(tmp_path):
+    result = partition(
+        PartitionConfig(source="digits", experts=4, out=tmp_path / "run", objectives="mixed:1", steps=50)
+    )
+    manifest = load_manifest_json((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest.run_id == result.manifest.run_id and len(manifest.shards) == 4
+    assert sum(s.items for s in manifest.shards) == 1797
+    assert [e.objective for e in manifest.experts] == ["ddpm", "fm", "fm", "fm"]
+    assert manifest.experts[0].num_classes == 10 and manifest.experts[0].steps == 50
+    assert manifest.router.class_conditional is True and manifest.router.num_experts == 4
+    store = open_store(manifest.store)
+    seen_labels = []
+    for c, ref in enumerate(manifest.shards):
+        dest = store.pull_file(ref.repo, ref.revision, ref.path, tmp_path / f"dl-{c}", ref.sha256, kind="dataset")
+        shard = load_shard(dest, sha256=ref.sha256)
+        assert len(shard) == ref.items and int(shard.val_mask.sum()) == ref.val_items > 0
+        assert (shard.clusters == c).all() and shard.meta["num_classes"] == 10
+        seen_labels.append(shard.labels)
+    # Every item lands in exactly one shard: the class histogram of the union is the data set's.
+    union = torch.cat(seen_labels)
+    expected = torch.bincount(torch.from_numpy(load_digits().target), minlength=10)
+    assert torch.equal(torch.bincount(union, minlength=10), expected)
+    # Clusters are far from random: each holds a few dominant classes.
+    for counts in result.class_counts:
+        top3 = sum(sorted(counts.values(), reverse=True)[:3])
+        assert top3 / sum(counts.values()) > 0.6
+
+
+def test_cli_partition_prints_run_id_table_and_strips(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*ISLES, "partition", "digits", "--experts", "3", "--out", str(out), "--steps", "10", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["run_id"] == manifest["run_id"]
+    assert [row["items"] for row in summary["clusters"]] == [s["items"] for s in manifest["shards"]]
+    assert abs(sum(row["share"] for row in summary["clusters"]) - 1) < 1e-9
+    for row in summary["clusters"]:
+        assert (out / "clusters" / f"cluster-{row['cluster']}.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["digits", "--experts", "5000"], "Error: cannot make 5000 clusters from 1797 items"),
+        (["digits", "--experts", "4", "--objectives", "sgd"], "Error: unknown objectives 'sgd'"),
+        (["/no/such/folder", "--experts", "2"], "Error: unknown data source"),
+    ],
+)
+def test_cli_partition_bad_input_is_one_error_line(tmp_path, args, message):
+    proc = subprocess.run(
+        [*ISLES, "partition", *args, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr
