@@ -1,0 +1,254 @@
+"""Open a hivemind DHT with isles' validators attached: every record schema-checked on store and on read, and signed.
+
+`open_dht(DHTConfig(...))` is the one way any isles command joins the swarm. A run's schema is registered with
+`node.register_run(manifest)` once its units are known; until then that run's keys are stored unchecked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import pydantic.v1 as pydantic
+
+from . import keys
+from .errors import IslesError
+from .identity import Identity, ephemeral_identity, load_identity
+from .records import (
+    CheckpointPointer,
+    Claim,
+    Ensemble,
+    PeerPresence,
+    Rejection,
+    Release,
+    RunIndexEntry,
+    RunManifest,
+)
+
+logger = logging.getLogger(__name__)
+DEFAULT_PORT = 31337
+
+
+@dataclass(frozen=True)
+class DHTConfig:
+    """How to join the swarm. `identity_dir` None means a throwaway identity (a new peer id every time)."""
+
+    initial_peers: tuple[str, ...] = ()
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    client_mode: bool = False  # outbound only: for peers behind NAT, and for readers such as `isles status`
+    identity_dir: Path | None = None
+    startup_timeout: float = 30.0  # the p2p daemon and the first contact with the initial peers
+    wait_timeout: float = 5.0  # one DHT request
+
+
+def parse_multiaddr(text: str, need_peer_id: bool = True) -> str:
+    """Check one multiaddr typed by a user; an unparseable one is an IslesError saying what one looks like."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (copy it from the line `isles bootstrap` prints)"
+    try:
+        maddr = Multiaddr(text.strip())
+    except Exception as exc:  # the multiaddr library raises several unrelated types
+        raise IslesError(f"cannot parse the multiaddr {text!r}: {exc}", hint=f"a peer address looks like {example}")
+    if need_peer_id and "p2p" not in maddr:
+        raise IslesError(f"the multiaddr {text!r} has no /p2p/<peer id> part", hint=f"use the full address: {example}")
+    return str(maddr)
+
+
+class _IndexSchema(pydantic.BaseModel):
+    runs: Dict[pydantic.StrictStr, RunIndexEntry]  # subkey: run id
+
+    class Config:  # its own Config: SchemaValidator sets `extra = forbid` on it
+        extra = pydantic.Extra.forbid
+
+
+def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]:
+    """A pydantic model whose fields are the run's key names (hivemind's SchemaValidator maps key -> field)."""
+    from hivemind.dht.schema import BytesWithPublicKey
+
+    def signed(record: type) -> object:
+        return Optional[Dict[BytesWithPublicKey, record]]
+
+    annotations: dict[str, object] = {
+        keys.MANIFEST: Optional[RunManifest],
+        keys.PRESENCE: signed(PeerPresence),
+        keys.ENSEMBLE: signed(Ensemble),
+        keys.REJECTIONS: signed(Rejection),
+    }
+    for unit in units:
+        annotations[keys.run_field(keys.CLAIMS, unit)] = signed(Claim)
+        annotations[keys.run_field(keys.CHECKPOINTS, unit)] = signed(CheckpointPointer)
+        annotations[keys.run_field(keys.RELEASES, unit)] = signed(Release)
+
+    def check_manifest(cls, value):  # a valid manifest of another run must not sit under this run's key
+        if value is not None and value.run_id != run_id:
+            raise ValueError(f"manifest of run {value.run_id} stored under run {run_id}")
+        return value
+
+    namespace = {
+        "__annotations__": annotations,
+        "Config": type("Config", (), {"extra": pydantic.Extra.forbid}),
+        "_check_manifest": pydantic.validator(keys.MANIFEST, allow_reuse=True)(check_manifest),
+        **{name: None for name in annotations},
+    }
+    return type(f"IslesRun_{run_id}", (pydantic.BaseModel,), namespace)
+
+
+def _schema_validator_class():
+    from hivemind.dht.schema import SchemaValidator
+
+    class RunSchemaValidator(SchemaValidator):
+        """The schema of one run; pickles as its recipe, since its model class is built at run time."""
+
+        def __init__(self, run_id: str, units: tuple[str, ...]):
+            self.run_id, self.units = run_id, tuple(units)
+            super().__init__(_run_schema(run_id, self.units), allow_extra_keys=True, prefix=keys.run_prefix(run_id))
+
+        def __reduce__(self):
+            return make_run_validator, (self.run_id, self.units)
+
+    return RunSchemaValidator
+
+
+def make_run_validator(run_id: str, units: tuple[str, ...]):
+    return _schema_validator_class()(run_id, units)
+
+
+async def _add_validators(_dht, node, validators) -> None:
+    node.protocol.record_validator.extend(validators)
+
+
+async def _count_peers(_dht, node) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+class DHTNode:
+    """A running DHT peer with its identity; `dht` is the hivemind.DHT (background process) for raw access."""
+
+    def __init__(self, dht, identity: Identity, config: DHTConfig):
+        self.dht, self.identity, self.config = dht, identity, config
+        self.peer_id: str = dht.peer_id.to_base58()
+        self._runs: set[str] = set()
+        # hivemind.DHT talks to its process over one pipe, which is not thread-safe: heartbeat threads and the main
+        # loop share this peer, so requests are sent under a lock and awaited outside it.
+        self._send_lock = threading.Lock()
+
+    def store(self, key: str, value, expiration_time: float, subkey=None) -> bool:
+        with self._send_lock:
+            future = self.dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
+        return bool(future.result())
+
+    def get(self, key: str, latest: bool = True):
+        with self._send_lock:
+            future = self.dht.get(key, latest=latest, return_future=True)
+        return future.result()
+
+    def run_coroutine(self, coro):
+        with self._send_lock:
+            future = self.dht.run_coroutine(coro, return_future=True)
+        return future.result()
+
+    def register_run(self, manifest_or_id: RunManifest | str, units: tuple[str, ...] | None = None) -> None:
+        """Check this run's records from now on (both what peers ask us to store and what lookups return)."""
+        if isinstance(manifest_or_id, RunManifest):
+            run_id, units = manifest_or_id.run_id, tuple(manifest_or_id.units)
+        else:
+            run_id = manifest_or_id
+        if run_id in self._runs:
+            return
+        from functools import partial
+
+        self.run_coroutine(partial(_add_validators, validators=[make_run_validator(run_id, tuple(units or ()))]))
+        self._runs.add(run_id)
+
+    def visible_maddrs(self) -> list[str]:
+        from hivemind.dht.dht import DHT
+
+        return [str(m) for m in self.run_coroutine(DHT._get_visible_maddrs)]
+
+    def num_peers(self) -> int:
+        """Peers in our routing table (the peers we know of, not the whole swarm)."""
+        return self.run_coroutine(_count_peers)
+
+    def shutdown(self) -> None:
+        with self._send_lock:
+            self.dht.shutdown()
+
+    def __enter__(self) -> DHTNode:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def open_dht(config: DHTConfig) -> DHTNode:
+    """Start a DHT peer with the schema and signature validators; known failures become an IslesError."""
+    import hivemind
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.schema import SchemaValidator
+    from hivemind.p2p import P2PDaemonError
+
+    identity = load_identity(config.identity_dir) if config.identity_dir is not None else ephemeral_identity()
+    validators = [
+        SchemaValidator(_IndexSchema, allow_extra_keys=True, prefix=keys.PREFIX),
+        RSASignatureValidator(identity.private_key),
+    ]
+    kwargs = dict(
+        initial_peers=list(config.initial_peers) or None,
+        host_maddrs=list(config.host_maddrs),
+        client_mode=config.client_mode,
+        startup_timeout=config.startup_timeout,
+        bootstrap_timeout=config.startup_timeout,
+        wait_timeout=config.wait_timeout,
+        record_validators=validators,
+        identity_path=str(identity.p2p_key_path) if identity.p2p_key_path else None,
+    )
+    if config.announce_maddrs:
+        kwargs["announce_maddrs"] = list(config.announce_maddrs)
+    try:
+        dht = hivemind.DHT(start=True, **kwargs)
+    except P2PDaemonError as exc:
+        raise _daemon_error(exc, identity, config) from None
+    except RuntimeError as exc:
+        if "bootstrap failed" in str(exc) or "initial_peers" in str(exc):
+            raise unreachable_error(config.initial_peers) from None
+        raise
+    except ValueError as exc:  # e.g. port 0 in announce_maddrs
+        raise IslesError(f"cannot start the DHT: {exc}", hint="check --host-maddrs and --announce-maddrs") from None
+    return DHTNode(dht, identity, config)
+
+
+def unreachable_error(peers: tuple[str, ...]) -> IslesError:
+    shown = ", ".join(peers) if peers else "(none)"
+    return IslesError(
+        f"could not reach any of the peers {shown}",
+        hint=(
+            "check, in order:\n"
+            "  1. the bootstrap node is running (`isles bootstrap` prints the address to use);\n"
+            "  2. the address is copied whole, including /p2p/<peer id>, and the peer id matches the node's;\n"
+            "  3. this machine can open a TCP connection to that host and port (firewall, VPN, Docker networking);\n"
+            "  4. a node in Docker or behind NAT was started with --announce-maddrs set to its public address."
+        ),
+    )
+
+
+def _daemon_error(exc: Exception, identity: Identity, config: DHTConfig) -> IslesError:
+    text = str(exc)
+    if "already taken" in text:
+        return IslesError(
+            f"the identity in {identity.folder} is already used by another running peer",
+            hint="stop that peer, or give this one its own folder with --identity DIR "
+            "(cloned machines or containers must not share an identity)",
+        )
+    if "bootstrap peers" in text:
+        return unreachable_error(config.initial_peers)
+    if "failed to start" in text:
+        return IslesError(
+            f"the p2p daemon did not start in {config.startup_timeout:.0f} s",
+            hint="the machine may be overloaded: retry, or raise --startup-timeout",
+        )
+    return IslesError(f"the p2p daemon failed: {text}", hint=f"check --host-maddrs {' '.join(config.host_maddrs)}")

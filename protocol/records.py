@@ -1,0 +1,278 @@
+"""The records peers exchange over the DHT: run manifest, claim, checkpoint pointer, release, presence, ensemble.
+
+pydantic.v1 models with strict types, so hivemind's SchemaValidator refuses any record that would need a conversion.
+Every model keeps unknown fields (`Extra.allow`): an older peer stores and forwards a newer peer's records unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Dict, List, Literal, Optional, Type, TypeVar
+
+import pydantic.v1 as pydantic
+from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr, conint
+
+from .errors import IslesError
+from .files import canonical_json
+
+RUN_ID_CHARS = 16  # hex characters of sha256 kept as the run id: 64 bits, enough to never collide by accident
+ROUTER_UNIT = "router"
+NonNegInt = conint(strict=True, ge=0)
+PositiveInt = conint(strict=True, ge=1)
+R = TypeVar("R", bound="Record")
+
+
+class Record(pydantic.BaseModel):
+    class Config:
+        extra = pydantic.Extra.allow
+        allow_mutation = False
+
+    def to_value(self) -> dict:
+        """The plain dict stored in the DHT (msgpack-serialisable, every field present so nothing is converted)."""
+        return self.dict()
+
+
+def parse_record(model: Type[R], value: Any) -> R | None:
+    """A record read back from the DHT, or None if it has the wrong shape (readers skip such records)."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        return model.parse_obj(value)
+    except pydantic.ValidationError:
+        return None
+
+
+def expert_unit(index: int) -> str:
+    return f"expert-{index}"
+
+
+# --- the run manifest ---------------------------------------------------------------------------------------------
+
+
+class ShardRef(Record):
+    """One shard of the partitioned data set, as published to the artifact store."""
+
+    repo: StrictStr
+    revision: StrictStr
+    path: StrictStr
+    sha256: StrictStr
+    items: NonNegInt
+    val_items: NonNegInt
+    cluster: NonNegInt
+
+
+class ExpertRecipe(Record):
+    """How to train the expert of one shard (every volunteer that claims the shard trains exactly this)."""
+
+    preset: StrictStr
+    objective: Literal["fm", "ddpm"] = "fm"
+    channels: PositiveInt
+    resolution: PositiveInt
+    num_classes: Optional[PositiveInt] = None
+    steps: PositiveInt
+    global_batch: PositiveInt
+    lr: StrictFloat
+    warmup_steps: NonNegInt = 0
+    ema_decay: StrictFloat = 0.999
+    seed: NonNegInt = 0
+
+
+class RouterRecipe(Record):
+    """How to train the router (a classifier of noisy inputs over the K clusters)."""
+
+    preset: StrictStr
+    steps: PositiveInt
+    global_batch: PositiveInt
+    lr: StrictFloat
+    warmup_steps: NonNegInt = 0
+    ema_decay: StrictFloat = 0.999
+    seed: NonNegInt = 0
+
+
+class EvalRecipe(Record):
+    """How the aggregator checks a release: its validation loss must be within this fraction of the expected one."""
+
+    val_loss_threshold: StrictFloat = 0.1
+    num_samples: NonNegInt = 0
+    sample_steps: PositiveInt = 50
+
+
+class RunManifest(Record):
+    """A run: its data, shards and recipes. `run_id` is the short sha256 of everything else, so it cannot change."""
+
+    run_id: StrictStr
+    name: StrictStr
+    dataset: StrictStr
+    description: StrictStr = ""
+    store: StrictStr
+    shards: List[ShardRef]
+    experts: List[ExpertRecipe]
+    router: RouterRecipe
+    eval: EvalRecipe = EvalRecipe()
+    owner: StrictStr = ""
+    created_time: StrictFloat = 0.0
+
+    @pydantic.root_validator(skip_on_failure=True)
+    def _check_content(cls, values: dict) -> dict:
+        if len(values["experts"]) != len(values["shards"]):
+            raise ValueError(f"{len(values['shards'])} shards but {len(values['experts'])} expert recipes")
+        expected = compute_run_id(_plain({k: v for k, v in values.items() if k != "run_id"}))
+        if values["run_id"] != expected:
+            raise ValueError(f"run_id {values['run_id']!r} does not match the manifest's content ({expected})")
+        return values
+
+    @property
+    def units(self) -> List[str]:
+        """The units of work: one expert per shard, then the router."""
+        return [expert_unit(i) for i in range(len(self.shards))] + [ROUTER_UNIT]
+
+    @classmethod
+    def create(cls, **fields: Any) -> RunManifest:
+        """Build a manifest and fill in its run_id from the other fields."""
+        fields.pop("run_id", None)
+        draft = cls.construct(**fields).dict() | {"run_id": ""}  # defaults filled in, validators not yet run
+        draft.pop("run_id")
+        return cls.parse_obj({**_plain(draft), "run_id": compute_run_id(_plain(draft))})
+
+
+def compute_run_id(fields_without_run_id: dict) -> str:
+    return hashlib.sha256(canonical_json(fields_without_run_id)).hexdigest()[:RUN_ID_CHARS]
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, pydantic.BaseModel):
+        return _plain(obj.dict())
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def load_manifest_json(text: str, source: str = "manifest") -> RunManifest:
+    """Parse a manifest file (RunManifest's JSON form); any problem is an IslesError naming the field."""
+    try:
+        return RunManifest.parse_raw(text)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise IslesError(
+            f"{source} is not a valid run manifest: {where}: {first['msg']}",
+            hint="write manifests with `isles partition`, and do not edit them by hand: the run id covers every field",
+        ) from None
+    except ValueError as exc:
+        raise IslesError(f"{source} is not JSON: {exc}", hint="pass the manifest.json written by `isles partition`")
+
+
+class RunIndexEntry(Record):
+    """An entry of the runs index (one subkey per run), so `isles status` can list runs without knowing their ids."""
+
+    run_id: StrictStr
+    name: StrictStr
+    units: NonNegInt
+    published_time: StrictFloat
+
+
+# --- leases and their results -------------------------------------------------------------------------------------
+
+
+class FencingToken(Record):
+    """Who trained a unit under which claim; later records carry it so stale or duplicate work can be told apart."""
+
+    unit: StrictStr
+    attempt: PositiveInt
+    owner: StrictStr  # libp2p peer id (base58)
+    claimed_time: StrictFloat
+
+
+class Claim(Record):
+    """A peer's claim on one unit (one subkey per claimant). Renewed by heartbeats; expires unless renewed."""
+
+    run_id: StrictStr
+    unit: StrictStr
+    peer_id: StrictStr
+    state: Literal["claimed", "withdrawn"] = "claimed"
+    attempt: PositiveInt = 1
+    claimed_time: StrictFloat
+    heartbeat_time: StrictFloat
+    step: NonNegInt = 0
+    steps: NonNegInt = 0
+    samples_per_s: StrictFloat = 0.0
+    hardware: StrictStr = ""
+
+    @property
+    def token(self) -> FencingToken:
+        return FencingToken(unit=self.unit, attempt=self.attempt, owner=self.peer_id, claimed_time=self.claimed_time)
+
+
+class CheckpointPointer(Record):
+    """Where the newest checkpoint of a unit lies, so the next claimant resumes instead of starting over."""
+
+    run_id: StrictStr
+    unit: StrictStr
+    token: FencingToken
+    repo: StrictStr
+    revision: StrictStr
+    files: Dict[StrictStr, StrictStr]  # path -> sha256
+    step: NonNegInt
+    steps: NonNegInt
+    written_time: StrictFloat
+
+
+class Release(Record):
+    """A finished unit: its published weights and the numbers the aggregator checks."""
+
+    run_id: StrictStr
+    unit: StrictStr
+    token: FencingToken
+    repo: StrictStr
+    revision: StrictStr
+    files: Dict[StrictStr, StrictStr]
+    objective: StrictStr = "fm"
+    steps: NonNegInt
+    flops: StrictFloat = 0.0
+    final_loss: Optional[StrictFloat] = None
+    val_loss: Optional[StrictFloat] = None
+    hardware: StrictStr = ""
+    wall_period: StrictFloat = 0.0
+    released_time: StrictFloat
+
+
+PresenceState = Literal["JOINING", "TRAINING", "IDLE", "OFFLINE"]
+
+
+class PeerPresence(Record):
+    """A peer's health in a run, re-announced by a heartbeat and set to OFFLINE on a clean exit."""
+
+    peer_id: StrictStr
+    state: PresenceState
+    unit: Optional[StrictStr] = None
+    updated_time: StrictFloat
+    hardware: StrictStr = ""
+    version: StrictStr = ""
+
+
+class Ensemble(Record):
+    """The aggregator's published ensemble: the revision and which releases went into it."""
+
+    run_id: StrictStr
+    repo: StrictStr
+    revision: StrictStr
+    files: Dict[StrictStr, StrictStr]
+    experts: List[FencingToken]
+    router: Optional[FencingToken] = None
+    complete: StrictBool = False
+    published_time: StrictFloat
+    peer_id: StrictStr
+
+
+class Rejection(Record):
+    """A release the aggregator refused, and why (so its volunteer, and `isles status`, can see it)."""
+
+    run_id: StrictStr
+    unit: StrictStr
+    token: FencingToken
+    revision: StrictStr
+    reason: StrictStr
+    rejected_time: StrictFloat
+    peer_id: StrictStr
