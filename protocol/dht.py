@@ -10,7 +10,6 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 import pydantic.v1 as pydantic
 
@@ -53,14 +52,16 @@ def parse_multiaddr(text: str, need_peer_id: bool = True) -> str:
     try:
         maddr = Multiaddr(text.strip())
     except Exception as exc:  # the multiaddr library raises several unrelated types
-        raise IslesError(f"cannot parse the multiaddr {text!r}: {exc}", hint=f"a peer address looks like {example}")
+        raise IslesError(
+            f"cannot parse the multiaddr {text!r}: {exc}", hint=f"a peer address looks like {example}"
+        ) from None
     if need_peer_id and "p2p" not in maddr:
         raise IslesError(f"the multiaddr {text!r} has no /p2p/<peer id> part", hint=f"use the full address: {example}")
     return str(maddr)
 
 
 class _IndexSchema(pydantic.BaseModel):
-    runs: Dict[pydantic.StrictStr, RunIndexEntry]  # subkey: run id
+    runs: dict[pydantic.StrictStr, RunIndexEntry]  # subkey: run id
 
     class Config:  # its own Config: SchemaValidator sets `extra = forbid` on it
         extra = pydantic.Extra.forbid
@@ -71,10 +72,10 @@ def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]
     from hivemind.dht.schema import BytesWithPublicKey
 
     def signed(record: type) -> object:
-        return Optional[Dict[BytesWithPublicKey, record]]
+        return dict[BytesWithPublicKey, record] | None
 
     annotations: dict[str, object] = {
-        keys.MANIFEST: Optional[RunManifest],
+        keys.MANIFEST: RunManifest | None,
         keys.PRESENCE: signed(PeerPresence),
         keys.ENSEMBLE: signed(Ensemble),
         keys.REJECTIONS: signed(Rejection),

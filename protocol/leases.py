@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .records import Claim, FencingToken
 from .swarm import Signed, Swarm, dht_time

@@ -7,10 +7,10 @@ Every model keeps unknown fields (`Extra.allow`): an older peer stores and forwa
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, Literal, Optional, Type, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pydantic.v1 as pydantic
-from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr, conint
+from pydantic.v1 import StrictBool, StrictFloat, StrictStr, conint
 
 from .errors import IslesError
 from .files import canonical_json
@@ -32,7 +32,7 @@ class Record(pydantic.BaseModel):
         return self.dict()
 
 
-def parse_record(model: Type[R], value: Any) -> R | None:
+def parse_record(model: type[R], value: Any) -> R | None:
     """A record read back from the DHT, or None if it has the wrong shape (readers skip such records)."""
     if not isinstance(value, dict):
         return None
@@ -68,7 +68,7 @@ class ExpertRecipe(Record):
     objective: Literal["fm", "ddpm"] = "fm"
     channels: PositiveInt
     resolution: PositiveInt
-    num_classes: Optional[PositiveInt] = None
+    num_classes: PositiveInt | None = None
     steps: PositiveInt
     global_batch: PositiveInt
     lr: StrictFloat
@@ -105,8 +105,8 @@ class RunManifest(Record):
     dataset: StrictStr
     description: StrictStr = ""
     store: StrictStr
-    shards: List[ShardRef]
-    experts: List[ExpertRecipe]
+    shards: list[ShardRef]
+    experts: list[ExpertRecipe]
     router: RouterRecipe
     eval: EvalRecipe = EvalRecipe()
     owner: StrictStr = ""
@@ -122,7 +122,7 @@ class RunManifest(Record):
         return values
 
     @property
-    def units(self) -> List[str]:
+    def units(self) -> list[str]:
         """The units of work: one expert per shard, then the router."""
         return [expert_unit(i) for i in range(len(self.shards))] + [ROUTER_UNIT]
 
@@ -161,7 +161,9 @@ def load_manifest_json(text: str, source: str = "manifest") -> RunManifest:
             hint="write manifests with `isles partition`, and do not edit them by hand: the run id covers every field",
         ) from None
     except ValueError as exc:
-        raise IslesError(f"{source} is not JSON: {exc}", hint="pass the manifest.json written by `isles partition`")
+        raise IslesError(
+            f"{source} is not JSON: {exc}", hint="pass the manifest.json written by `isles partition`"
+        ) from None
 
 
 class RunIndexEntry(Record):
@@ -213,7 +215,7 @@ class CheckpointPointer(Record):
     token: FencingToken
     repo: StrictStr
     revision: StrictStr
-    files: Dict[StrictStr, StrictStr]  # path -> sha256
+    files: dict[StrictStr, StrictStr]  # path -> sha256
     step: NonNegInt
     steps: NonNegInt
     written_time: StrictFloat
@@ -227,12 +229,12 @@ class Release(Record):
     token: FencingToken
     repo: StrictStr
     revision: StrictStr
-    files: Dict[StrictStr, StrictStr]
+    files: dict[StrictStr, StrictStr]
     objective: StrictStr = "fm"
     steps: NonNegInt
     flops: StrictFloat = 0.0
-    final_loss: Optional[StrictFloat] = None
-    val_loss: Optional[StrictFloat] = None
+    final_loss: StrictFloat | None = None
+    val_loss: StrictFloat | None = None
     hardware: StrictStr = ""
     wall_period: StrictFloat = 0.0
     released_time: StrictFloat
@@ -246,7 +248,7 @@ class PeerPresence(Record):
 
     peer_id: StrictStr
     state: PresenceState
-    unit: Optional[StrictStr] = None
+    unit: StrictStr | None = None
     updated_time: StrictFloat
     hardware: StrictStr = ""
     version: StrictStr = ""
@@ -258,9 +260,9 @@ class Ensemble(Record):
     run_id: StrictStr
     repo: StrictStr
     revision: StrictStr
-    files: Dict[StrictStr, StrictStr]
-    experts: List[FencingToken]
-    router: Optional[FencingToken] = None
+    files: dict[StrictStr, StrictStr]
+    experts: list[FencingToken]
+    router: FencingToken | None = None
     complete: StrictBool = False
     published_time: StrictFloat
     peer_id: StrictStr
