@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from . import partition, sample, swarm
+from . import demo, join, partition, sample, swarm
 
 REGISTRY = [
     swarm.register,
     partition.register,
     sample.register,
+    join.register,
+    demo.register,
 ]
