@@ -1,0 +1,177 @@
+"""The router as a trainer task: cross-entropy on the cluster of the clean item, over all noise levels.
+
+`RouterTask(shards, preset="cnn-small")` plugs into `experts.trainer.train` like the expert task (checkpoints, exact
+resume, EMA, export). The export is `config.json` + `model.safetensors` + `router.json` (metrics, accuracy per t).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from isles.protocol.errors import IslesError
+from isles.protocol.files import atomic_write_json
+from torch.nn import functional as F
+
+from .model import RouterModel, router_config
+
+ROUTER_FORMAT = "isles-router-1"
+VAL_SEED = 4321
+VAL_MAX_ITEMS = 2048
+# Noise levels at which accuracy is reported: low t is nearly clean (easy), t near 1 is nearly pure noise.
+VAL_TIMES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def to_model_space(items: torch.Tensor) -> torch.Tensor:
+    if items.dtype == torch.uint8:
+        return items.float().div(127.5).sub(1.0)
+    return items.float()
+
+
+@dataclass
+class RouterTask:
+    """Train r(x_t, t[, c]) on a sample of every shard. `shards[k]` holds the items of cluster k."""
+
+    shards: Sequence[Any]  # experts.data.ShardData, one per cluster, in cluster order
+    preset: str = "cnn-small"
+    max_items_per_shard: int | None = None  # a sample of every shard is enough (the router is ~4% of the compute)
+    conditional: bool = True  # class-aware when the data has labels: clusters mix classes
+    label_dropout: float = 0.1  # some steps without the class, so unconditional sampling still routes well
+    recipe: dict[str, Any] = field(default_factory=dict)  # recorded in router.json
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise IslesError("the router needs at least one shard")
+        shapes = {tuple(s.shape) for s in self.shards}
+        if len(shapes) != 1:
+            raise IslesError(f"shards have different item shapes {sorted(shapes)}")
+        self.num_experts = len(self.shards)
+        has_labels = all(s.labels is not None for s in self.shards)
+        self.num_classes = self.shards[0].num_classes if (self.conditional and has_labels) else None
+        train, val = [], []
+        for k, shard in enumerate(self.shards):
+            tr, va = shard.train_split(), shard.val_split()
+            if self.max_items_per_shard is not None:
+                tr = tr.subset(torch.arange(min(len(tr), self.max_items_per_shard)))
+            train.append((tr, k))
+            val.append((va, k))
+        self._train_x, self._train_y, self._train_c = self._stack(train)
+        self._val_x, self._val_y, self._val_c = self._stack(val)
+        if self._train_x.shape[0] == 0:
+            raise IslesError("the shards have no training items for the router")
+
+    def _stack(self, parts):
+        xs = [to_model_space(p.items) for p, _ in parts]
+        ys = [torch.full((len(p),), k, dtype=torch.long) for p, k in parts]
+        cs = [
+            p.labels.long() if self.num_classes is not None else torch.zeros(len(p), dtype=torch.long)
+            for p, _ in parts
+        ]
+        return torch.cat(xs), torch.cat(ys), torch.cat(cs)
+
+    # --- the trainer's task protocol -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        c, h, _ = self.shards[0].shape
+        return {
+            "kind": "router",
+            "preset": self.preset,
+            "num_experts": self.num_experts,
+            "shape": [c, h, h],
+            "num_classes": self.num_classes,
+            "label_dropout": self.label_dropout,
+            "train_items": int(self._train_x.shape[0]),
+        }
+
+    def config(self):
+        c, h, _ = self.shards[0].shape
+        return router_config(self.preset, self.num_experts, c, h, self.num_classes)
+
+    def build_model(self) -> torch.nn.Module:
+        return RouterModel(self.config())
+
+    def train_size(self) -> int:
+        return int(self._train_x.shape[0])
+
+    def make_batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x0 = self._train_x[indices]
+        t = torch.rand(len(indices), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        te = t.reshape(-1, *([1] * (x0.ndim - 1)))
+        batch = {"x_t": (1 - te) * x0 + te * eps, "t": t, "target": self._train_y[indices]}
+        if self.num_classes is not None:
+            drop = torch.rand(len(indices), generator=generator) < self.label_dropout
+            batch["labels"] = torch.where(drop, self.num_classes, self._train_c[indices])  # the null class
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["x_t"], batch["t"], batch.get("labels"))
+        return F.cross_entropy(logits.float(), batch["target"])
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+        """Held-out cross-entropy and accuracy, overall and at each noise level of VAL_TIMES (fixed noise)."""
+        n = min(int(self._val_x.shape[0]), VAL_MAX_ITEMS)
+        if n == 0:
+            return {"val_items": 0}
+        idx = torch.linspace(0, self._val_x.shape[0] - 1, n).round().long()  # spread over every shard
+        labels = self._val_c[idx] if self.num_classes is not None else None
+        report = router_accuracy(model, self._val_x[idx], self._val_y[idx], labels, device, VAL_TIMES)
+        return {
+            "val_items": n,
+            "val_loss": report["loss"],
+            "val_accuracy": report["accuracy"],
+            "accuracy_by_t": report["accuracy_by_t"],
+            "chance_accuracy": float(torch.bincount(self._val_y[idx]).max()) / n,
+        }
+
+    def export(self, model: torch.nn.Module, folder: Path, metrics: dict[str, Any]) -> None:
+        model.save_pretrained(folder)
+        atomic_write_json(
+            Path(folder) / "router.json",
+            {
+                "format": ROUTER_FORMAT,
+                "preset": self.preset,
+                "num_experts": self.num_experts,
+                "num_classes": self.num_classes,
+                "label_dropout": self.label_dropout,
+                "recipe": self.recipe,
+                "metrics": metrics,
+            },
+        )
+
+
+@torch.no_grad()
+def router_accuracy(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    clusters: torch.Tensor,
+    labels: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+    times: Sequence[float] = VAL_TIMES,
+    seed: int = VAL_SEED,
+) -> dict[str, Any]:
+    """Accuracy of the router at predicting the cluster of x0 from x_t = (1-t) x0 + t eps, at each t in `times`."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    by_t, losses, correct_total = {}, [], 0
+    for t_value in times:
+        correct = 0
+        for start in range(0, x0.shape[0], 256):
+            x = x0[start : start + 256]
+            eps = torch.randn(x.shape, generator=generator)
+            t = torch.full((x.shape[0],), float(t_value))
+            x_t = (1 - t_value) * x + t_value * eps
+            lab = None if labels is None else labels[start : start + 256].to(device)
+            logits = model(x_t.to(device), t.to(device), lab).float().cpu()
+            target = clusters[start : start + 256]
+            losses.append(F.cross_entropy(logits, target, reduction="sum").item())
+            correct += int((logits.argmax(-1) == target).sum())
+        by_t[f"{t_value:g}"] = correct / x0.shape[0]
+        correct_total += correct
+    model.train(was_training)
+    count = x0.shape[0] * len(times)
+    return {"loss": sum(losses) / count, "accuracy": correct_total / count, "accuracy_by_t": by_t}

@@ -1,0 +1,81 @@
+"""The router: save/load round trip, class-aware routing, training as a trainer task (accuracy per noise level,
+exact resume) on the digits partition."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from isles.experts.data import load_shard
+from isles.experts.trainer import TrainRecipe, train
+from isles.protocol.errors import IslesError
+from isles.router.model import RouterConfig, RouterModel, router_config
+from isles.router.partition import PartitionConfig, partition
+from isles.router.router_task import RouterTask
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = partition(PartitionConfig(source="digits", experts=4, out=out))
+    return [load_shard(p) for p in result.shard_paths]
+
+
+def test_router_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = RouterModel(RouterConfig(num_experts=3, in_channels=3, resolution=16, num_classes=5, width=8))
+    model.save_pretrained(tmp_path / "router")
+    assert sorted(p.name for p in (tmp_path / "router").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = RouterModel.from_pretrained(tmp_path / "router")
+    x, t = torch.randn(4, 3, 16, 16), torch.rand(4)
+    labels = torch.tensor([0, 1, 4, 2])
+    model.eval()
+    torch.testing.assert_close(model(x, t, labels), loaded(x, t, labels))
+    # Class-aware: the class changes the routing; None means the null class (unconditional routing).
+    assert not torch.allclose(loaded(x, t, labels), loaded(x, t, torch.zeros(4, dtype=torch.long)))
+    torch.testing.assert_close(loaded(x, t, None), loaded(x, t, torch.full((4,), 5)))
+    (tmp_path / "router" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(IslesError, match="unreadable"):
+        RouterModel.from_pretrained(tmp_path / "router")
+    with pytest.raises(IslesError, match="unknown router preset"):
+        router_config("huge", 4, 1, 8, None)
+
+
+def test_router_trains_well_above_chance_and_reports_accuracy_per_noise_level(digit_shards, tmp_path):
+    task = RouterTask(digit_shards, preset="cnn-tiny")
+    assert task.num_classes == 10 and task.describe()["num_experts"] == 4
+    recipe = TrainRecipe(steps=250, global_batch=64, lr=2e-3, warmup_steps=20, checkpoint_every_steps=None)
+    result = train(task, recipe, tmp_path / "router", device="cpu")
+    metrics = result.metrics
+    by_t = metrics["accuracy_by_t"]
+    assert set(by_t) == {"0.05", "0.25", "0.5", "0.75", "0.95"}
+    print("router accuracy by t:", by_t, "chance:", metrics["chance_accuracy"])
+    assert metrics["chance_accuracy"] < 0.35
+    assert by_t["0.05"] > 0.7  # well above chance (~0.27) on nearly clean inputs
+    assert by_t["0.05"] >= by_t["0.95"] - 0.05  # no better on noise than on clean inputs
+    exported = tmp_path / "router" / "model"
+    info = json.loads((exported / "router.json").read_text())
+    assert info["num_experts"] == 4 and info["metrics"]["accuracy_by_t"] == by_t
+    loaded = RouterModel.from_pretrained(exported)
+    assert loaded.config.num_classes == 10 and loaded.config.num_experts == 4
+
+
+def test_router_training_resumes_exactly(digit_shards, tmp_path):
+    task = RouterTask(digit_shards, preset="cnn-tiny", max_items_per_shard=64)
+    recipe = TrainRecipe(steps=12, global_batch=16, lr=1e-3, warmup_steps=2, checkpoint_every_steps=4)
+    whole = train(task, recipe, tmp_path / "a", device="cpu")
+    first = train(task, recipe, tmp_path / "b", device="cpu", stop_at_step=6)
+    assert not first.completed
+    second = train(task, recipe, tmp_path / "b", device="cpu")
+    assert second.completed
+    a = RouterModel.from_pretrained(whole.export_dir).state_dict()
+    b = RouterModel.from_pretrained(second.export_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unconditional_router_ignores_labels(digit_shards):
+    task = RouterTask(digit_shards, preset="cnn-tiny", conditional=False)
+    assert task.num_classes is None and task.build_model().class_embed is None
+    batch = task.make_batch(torch.arange(8), torch.Generator().manual_seed(0))
+    assert "labels" not in batch and batch["x_t"].shape == (8, 1, 8, 8)
