@@ -59,7 +59,8 @@ def ddpm_input(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.
     alpha_bar = (1 - t) ** 2 / norm**2
     s = cosine_s_from_alpha_bar(alpha_bar)
     x_vp = x_t / _expand(norm, x_t)
-    return x_vp, (s * TIMESTEP_SCALE).to(torch.float32)
+    out_dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32  # float64 only for exactness checks
+    return x_vp, (s * TIMESTEP_SCALE).to(out_dtype)
 
 
 # --- the common velocity space -----------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def expert_velocity(
     clamped to [-clip_x0, clip_x0] (pass None for latents, which are not bounded), and v = eps_hat - x0_hat.
     """
     check_objective(objective)
-    t = t.to(x_t.device).float()
+    t = t.to(x_t.device, torch.float64 if x_t.dtype == torch.float64 else torch.float32)
     if objective == "fm":
         return model_fn(x_t, t * TIMESTEP_SCALE)
     x_vp, timestep = ddpm_input(x_t, t)

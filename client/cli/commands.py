@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import demo, join, partition, sample, swarm
+from . import demo, join, partition, sample, swarm, train
 
 REGISTRY = [
     swarm.register,
@@ -10,4 +10,5 @@ REGISTRY = [
     sample.register,
     join.register,
     demo.register,
+    train.register,
 ]
