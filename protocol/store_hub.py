@@ -159,8 +159,8 @@ class HubStore(ArtifactStore):
         check_kind(kind)
         if not self._token:
             raise IslesError(f"no Hugging Face token: publishing to {self.uri} needs one", hint=LOGIN_HINT)
-        files = folder_files(folder)
         repo_id = self.repo_id(repo)
+        files = folder_files(folder)
         self._call("create", lambda: self._api.create_repo(repo_id, repo_type=kind, exist_ok=True), repo, kind)
 
         def commit() -> str:

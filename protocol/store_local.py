@@ -96,9 +96,9 @@ class LocalStore(ArtifactStore):
     # Interface ---------------------------------------------------------------------------------------------------
 
     def publish(self, repo: str, folder: str | os.PathLike, kind: Kind = "model", message: str = "") -> str:
+        repo_dir = self._repo_dir(repo, kind)
         files = folder_files(folder)
         revision = revision_of(files)
-        repo_dir = self._repo_dir(repo, kind)
         revisions = repo_dir / "revisions"
         rev_dir = revisions / revision
         revisions.mkdir(parents=True, exist_ok=True)

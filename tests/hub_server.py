@@ -2,7 +2,8 @@
 
 Use the `hub_server` fixture (`from tests.hub_server import hub_server` in a test module, or import `HubServer`):
 it yields a running server; pass `server.url` as `endpoint=` (or HF_ENDPOINT to a child process). Fault knobs:
-`upload_mode`, `fail(match, times, status)`, `drop(match, times)`, `tamper` (file paths served with a flipped byte).
+`upload_mode`, `fail(match, times, status)`, `drop(match, times)`, `tamper` (file paths served with a flipped byte),
+`token` (required on writes when set). Import it with `from hub_server import HubServer, hub_server  # noqa: F401`.
 """
 
 from __future__ import annotations
@@ -74,11 +75,16 @@ class HubServer:
         self.faults: list[Fault] = []
         self.tamper: set[str] = set()  # file paths whose downloads get one byte flipped
         self.requests: list[str] = []  # "METHOD /path" of every request, in order
+        self.token: str | None = None  # when set, writes without "Authorization: Bearer <token>" get 401
+        self.cut_downloads = 0  # this many file downloads send 7/8 of their body, then close the connection
+        self.ranges: list[str] = []  # Range headers of file downloads (a resumed download asks for the rest)
         self.lock = threading.RLock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
+        )
 
     def start(self) -> HubServer:
         self._thread.start()
@@ -180,6 +186,10 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 self._json({"error": "injected failure"}, status=fault.status)
                 return
             try:
+                # LFS uploads go to a pre-signed URL without the Hub token, as on the real Hub.
+                if server.token and method in ("POST", "PUT") and not path.startswith("/lfs-upload/"):
+                    if self.headers.get("Authorization") != f"Bearer {server.token}":
+                        raise _Reject(401, "Invalid credentials in Authorization header")
                 with server.lock:
                     self._route(method, path, query, body)
             except _Reject as exc:
@@ -325,11 +335,25 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 content = bytes([content[0] ^ 0xFF]) + content[1:]
             headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
             status = 200
+            if self.headers.get("Range"):
+                server.ranges.append(self.headers["Range"])
             if m := re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):
                 start = int(m[1])
                 end = int(m[2]) if m[2] else len(content) - 1
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
                 content, status = content[start : end + 1], 206
+            if self.command == "GET" and server.cut_downloads > 0 and len(content) > 1:
+                server.cut_downloads -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(content)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(content[: len(content) * 7 // 8])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
             self._send(status, content, headers, ctype="application/octet-stream")
 
         def _lfs_batch(self, kind: str, repo_id: str, payload: dict) -> None:
