@@ -69,6 +69,22 @@ def is_procedural(source: str) -> bool:
     return source == "procedural" or source.startswith("procedural:")
 
 
+def load(spec: str = "procedural", resolution: int | None = None):
+    """The data set named `spec` as one ShardData (cluster ids 0, no validation split yet): the hook for
+    `experts.data.load_source`, which sets the validation mask like for any other source."""
+    from .data import ShardData
+
+    n, seed = parse_spec(spec)
+    pixels, labels = generate(n, seed=seed, resolution=resolution or 32)
+    return ShardData(
+        items=pixels,
+        labels=labels,
+        clusters=torch.zeros(n, dtype=torch.long),
+        val_mask=torch.zeros(n, dtype=torch.bool),
+        meta={"source": spec, "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES), "seed": seed},
+    )
+
+
 def _render_chunk(rng: np.random.Generator, n: int, res: int) -> tuple[torch.Tensor, torch.Tensor]:
     # 1. Family uniform, class uniform within the family: each family is a quarter of the data.
     family = rng.integers(0, 4, n)

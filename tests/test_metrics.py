@@ -1,0 +1,131 @@
+"""FID and the other sample-quality metrics on small inputs, and the deterministic, cached feature network."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from isles.protocol.errors import IslesError
+from isles.router import features, metrics
+
+
+def test_frechet_distance_of_known_gaussians():
+    # Diagonal covariances commute: FID = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2.
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    expected = 1 + 0 + 4 + (1 - 2) ** 2 + (2 - 1) ** 2 + 0
+    got = metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), eps=0.0)
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_frechet_distance_of_rotated_gaussians():
+    # Same spectrum, rotated by 90 degrees: Tr(S1 + S2 - 2 sqrt(S1 S2)) with S2 = R S1 R^T.
+    s1 = np.diag([4.0, 1.0])
+    s2 = np.diag([1.0, 4.0])
+    # sqrt(S1 S2) = diag(2, 2) -> trace 4; Tr S1 + Tr S2 = 10; FID = 10 - 8 = 2.
+    assert metrics.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=0.0) == pytest.approx(2.0, abs=1e-9)
+
+
+def test_identical_sets_give_zero_and_samples_converge_to_closed_form():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g)
+    assert metrics.fid(x, x) == pytest.approx(0.0, abs=1e-6)
+    y = torch.randn(20000, 8, generator=g) * 2 + 1  # N(1, 4 I) vs N(0, I): 8 * 1 + 8 * (2 - 1)^2 = 16
+    z = torch.randn(20000, 8, generator=g)
+    assert metrics.fid(y, z) == pytest.approx(16.0, rel=0.05)
+
+
+def test_dead_units_stay_finite_with_eps():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 6, generator=g)
+    y = torch.randn(50, 6, generator=g)
+    x[:, :3] = 0.0  # dead units: a singular covariance
+    y[:, :3] = 0.0
+    value = metrics.fid(x, y, eps=1e-6)
+    assert math.isfinite(value) and value >= 0.0
+
+
+def test_feature_stats_needs_two_items():
+    with pytest.raises(IslesError):
+        metrics.feature_stats(torch.zeros(1, 4))
+    with pytest.raises(IslesError):
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_accuracy_entropy_diversity():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 5.0]])
+    assert metrics.class_accuracy(logits, torch.tensor([0, 1, 1, 1])) == pytest.approx(0.75)
+    assert metrics.class_entropy(logits, 2) == pytest.approx(1.0)
+    assert metrics.class_entropy(logits[[0, 2]], 2) == pytest.approx(0.0)
+    same = torch.ones(10, 4)
+    assert metrics.diversity(same) == 0.0
+    assert metrics.diversity(torch.eye(4)) == pytest.approx(math.sqrt(2))
+
+
+def test_pixel_conversions_round_trip():
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert torch.equal(metrics.to_uint8(metrics.to_model_space(pixels)), pixels)
+
+
+def test_inception_fid_without_the_extra_says_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fidelity(name, *args, **kwargs):
+        if name == "torch_fidelity":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fidelity)
+    with pytest.raises(IslesError) as info:
+        metrics.inception_fid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert "isles[fid]" in (info.value.hint or "")
+
+
+TINY = dict(resolution=16, train_items=1024, epochs=1, batch_size=64)
+
+
+def test_feature_network_is_deterministic_and_cached(tmp_path):
+    spec = features.procedural_spec(**TINY)
+    a = features.load_or_train(spec, cache_dir=tmp_path / "a")
+    b = features.load_or_train(spec, cache_dir=tmp_path / "b")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    cached = list((tmp_path / "a").glob("*.safetensors"))
+    assert [p.name for p in cached] == [f"{spec.key()}.safetensors"]
+    # A second call loads the cache instead of training: same weights, even with training data unavailable.
+    c = features.load_or_train(spec, cache_dir=tmp_path / "a")
+    assert torch.equal(c.embed.weight, a.embed.weight)
+    # Another spec is another cache entry.
+    assert features.procedural_spec(**{**TINY, "seed": 1}).key() != spec.key()
+
+
+def test_fid_sanity_floor_below_model_below_noise(tmp_path):
+    """Real vs real (disjoint halves) is the floor; noise is far above; blurred items lie in between."""
+    from isles.experts import procedural
+
+    net = features.load_or_train(features.procedural_spec(**TINY), cache_dir=tmp_path)
+    x, _ = procedural.generate(800, stream="reference", resolution=16)
+    real_a, real_b = metrics.to_model_space(x[:400]), metrics.to_model_space(x[400:])
+    noise = torch.rand(400, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(real_b, 3, stride=1, padding=1)
+    fa, _ = net.embed_all(real_a)
+    floor = metrics.fid(fa, net.embed_all(real_b)[0])
+    worse = metrics.fid(fa, net.embed_all(blurred)[0])
+    worst = metrics.fid(fa, net.embed_all(noise)[0])
+    assert floor < worse < worst
+    assert worst > 5 * floor
+    feats, logits = net.embed_all(real_a[:10])
+    assert feats.shape == (10, 64) and logits.shape == (10, 18)
+    assert (feats < 0).any()  # taken before the ReLU
+
+
+def test_data_spec_keys_on_the_data():
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    y = torch.zeros(4, dtype=torch.long)
+    a = features.data_spec("digits", x, y, 10)
+    b = features.data_spec("digits", x + 1, y, 10)
+    assert a.key() != b.key() and a.channels == 1 and a.resolution == 8
