@@ -196,6 +196,11 @@ class ArtifactStore(ABC):
         """The bytes of one small file, unverified (callers verify or parse with care)."""
 
     @abstractmethod
+    def check_writable(self) -> None:
+        """Raise IslesError now if `publish` is bound to fail (no token, read-only folder): call it before hours of
+        training, not after."""
+
+    @abstractmethod
     def list_revisions(self, repo: str, kind: Kind = "model") -> list[str]:
         """Revisions of `repo`, oldest first (the last one is the newest). ArtifactNotFound if the repo is absent."""
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from .artifacts import (
     MAX_JSON_BYTES,
+    ArtifactError,
     ArtifactNotFound,
     ArtifactStore,
     IntegrityError,
@@ -126,7 +127,14 @@ class HubStore(ArtifactStore):
                         f"the Hub refused to {what} {self._where(repo, kind)} ({status})", LOGIN_HINT
                     ) from None
                 if not _transient(exc):
-                    raise
+                    if status is None:
+                        raise
+                    detail = (str(exc).strip().splitlines() or [""])[0]
+                    raise ArtifactError(
+                        f"the Hub rejected the request to {what} {self._where(repo, kind, revision)} ({status}): "
+                        f"{detail}",
+                        hint="run again with --debug for details; https://status.huggingface.co shows Hub incidents",
+                    ) from None
                 if attempt == self.retries:
                     raise StoreUnavailable(
                         f"could not {what} {self._where(repo, kind, revision)} after {attempt + 1} attempts "
@@ -157,8 +165,7 @@ class HubStore(ArtifactStore):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         check_kind(kind)
-        if not self._token:
-            raise IslesError(f"no Hugging Face token: publishing to {self.uri} needs one", hint=LOGIN_HINT)
+        self.check_writable()
         repo_id = self.repo_id(repo)
         files = folder_files(folder)
         self._call("create", lambda: self._api.create_repo(repo_id, repo_type=kind, exist_ok=True), repo, kind)
@@ -177,6 +184,10 @@ class HubStore(ArtifactStore):
         revision = self._call("publish to", commit, repo, kind)
         log.info("published %s to %s", Path(folder).name, self._where(repo, kind, revision))
         return revision
+
+    def check_writable(self) -> None:
+        if not self._token:
+            raise IslesError(f"no Hugging Face token: publishing to {self.uri} needs one", hint=LOGIN_HINT)
 
     def pull(
         self,

@@ -205,6 +205,16 @@ class LocalStore(ArtifactStore):
             raise IslesError(f"{path} is larger than {max_bytes} bytes", hint="use pull_file for large files")
         return src.read_bytes()
 
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.root).close()
+        except OSError as exc:
+            raise IslesError(
+                f"cannot write to the local store {self.uri} ({exc.strerror})",
+                hint="choose a folder you can write to with --store",
+            ) from None
+
     def list_revisions(self, repo: str, kind: Kind = "model") -> list[str]:
         repo_dir = self._repo_dir(repo, kind)
         log = self._log(repo_dir)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hub_server import HubServer, hub_server  # noqa: F401 (fixture)
 from isles.protocol.artifacts import (
+    ArtifactError,
     ArtifactNotFound,
     IntegrityError,
     StoreUnavailable,
@@ -223,6 +224,15 @@ def test_publish_that_keeps_failing_leaves_no_revision(hub_server, tmp_path):  #
     assert set(hub_server.repo("alice/run1-expert-0").resolve("main").files) == {".gitattributes"}
 
 
+def test_a_rejected_request_is_not_retried(hub_server, tmp_path):  # noqa: F811
+    store = HubStore("alice", token=TOKEN, endpoint=hub_server.url, backoff_period=0.01)
+    hub_server.fail("/commit/", times=1, status=400)
+    with pytest.raises(ArtifactError, match="400") as err:
+        store.publish("r", make_expert(tmp_path / "src", mb=0.1))
+    assert err.value.hint and sum("/commit/" in r for r in hub_server.requests) == 1
+    assert store.list_revisions("r") == []
+
+
 def test_pull_resumes_after_a_dropped_download(hub_server, tmp_path):  # noqa: F811
     store = HubStore("alice", token=TOKEN, endpoint=hub_server.url, backoff_period=0.01)
     src = make_expert(tmp_path / "src")
@@ -254,6 +264,8 @@ def test_writes_need_a_token_that_never_leaks(hub_server, tmp_path, monkeypatch)
     src = make_expert(tmp_path / "src", mb=0.1)
 
     anonymous = HubStore("alice", endpoint=hub_server.url)
+    with pytest.raises(IslesError, match="no Hugging Face token"):
+        anonymous.check_writable()  # before any training: the volunteer learns now, not after hours
     with pytest.raises(IslesError) as err:
         anonymous.publish("r", src)
     assert "token" in err.value.message and "hf auth login" in err.value.hint
