@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import demo, join, partition, sample, swarm, train
+from . import demo, eval, join, partition, sample, swarm, train
 
 REGISTRY = [
     swarm.register,
@@ -11,4 +11,5 @@ REGISTRY = [
     join.register,
     demo.register,
     train.register,
+    eval.register,
 ]

@@ -1,0 +1,107 @@
+"""`isles eval MODEL`: FID (beside its real-vs-real floor), class accuracy, diversity and cost, one row per routing.
+
+`isles eval ./ensemble --n 1000 --routing top1 --routing full --json-out eval.json`; MODEL may also be one expert's
+folder (a diffusers folder with expert.json), or a repo of --store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import output
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="Ensemble folder, one expert's folder, or a repo name in --store."),
+    n: int = typer.Option(1000, "--n", min=2, help="Samples per row, and held-out real items in the reference."),
+    routing: list[str] = typer.Option(
+        None, "--routing", help="Routing mode to evaluate, repeatable: top1, top2, topk:K, full, threshold:P."
+    ),
+    data: str = typer.Option(
+        None, "--data", help="Data set for the reference: digits, procedural[:N[:SEED]], a folder (default: recorded)."
+    ),
+    steps: int = typer.Option(30, "--steps", min=1, help="Euler steps per sample."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale per expert (1 = off)."),
+    batch_size: int = typer.Option(250, "--batch-size", min=1, help="Samples generated at once."),
+    inception: bool = typer.Option(False, "--inception", help="Also the Inception FID (needs isles[fid])."),
+    store: str = typer.Option(None, "--store", help="Store holding MODEL as a repo (hf://<namespace> or a folder)."),
+    revision: str = typer.Option(None, "--revision", help="Revision of the repo (default: the newest)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best available)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Feature-network cache (default: user cache dir)."),
+    json_out: Path = typer.Option(None, "--json-out", help="Also write the rows to this JSON file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout instead of a table."),
+) -> None:
+    """Evaluate a model or an ensemble against held-out real items; prints one row per routing mode."""
+    from isles.experts.device import pick_device
+    from isles.protocol.errors import IslesError
+    from isles.protocol.files import atomic_write_json
+    from isles.router.evaluate import EvalConfig, build_reference, evaluate, load_sampler, sampler_shape
+    from isles.router.sampling import parse_routing
+
+    routings = tuple(str(parse_routing(r)) for r in (routing or ["top1", "top2", "full"]))
+    if not Path(model).exists() and store is None:
+        raise IslesError(f"no model at {model}", hint="pass an ensemble or expert folder, or a repo with --store")
+    dev = str(pick_device(device))
+    config = EvalConfig(
+        n=n, routings=routings, steps=steps, seed=seed, batch_size=batch_size, guidance_scale=guidance,
+        inception=inception, device=dev, cache_dir=cache_dir,
+    )  # fmt: skip
+    with output.stderr.status(f"loading {model}"):
+        sampler, recorded = load_sampler(model, store=store, revision=revision, device=dev)
+    source = data or recorded
+    if not source:
+        raise IslesError("the model does not record its data set", hint="pass --data (e.g. --data digits)")
+    channels, resolution = sampler_shape(sampler)
+    with output.stderr.status(f"reference: {n} held-out items of {source} (may train the feature network once)"):
+        reference = build_reference(source, n, channels, resolution, cache_dir=cache_dir, device=dev)
+    output.stderr.print(f"reference: {reference.n} items of {source}; real-vs-real FID floor {reference.floor:.3f}")
+    rows = evaluate(sampler, reference, config)
+    result = {"model": model, "data": source, "rows": rows}
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+        output.stderr.print(f"wrote {json_out}")
+    if as_json:
+        output.print_json(result)
+        return
+    output.stdout.print(rows_table(rows, title=f"isles eval {model} on {source}"))
+
+
+def rows_table(rows: list[dict], title: str = ""):
+    """A rich table of evaluation rows; the caption gives what real held-out items score."""
+    from rich.table import Table
+
+    caption = ""
+    if rows:
+        r = rows[0]
+        caption = f"n = {r['n']}, {r['steps']} steps; real held-out items: FID floor {_fmt(r['fid_floor'], '.3f')}, "
+        caption += f"accuracy {_fmt(r['real_accuracy'], '.3f')}, diversity {_fmt(r['real_diversity'], '.2f')}"
+    table = Table(title=title, caption=caption)
+    columns = [
+        ("routing", "routing", "s"),
+        ("FID", "fid", ".3f"),
+        ("floor", "fid_floor", ".3f"),
+        ("accuracy", "accuracy", ".3f"),
+        ("diversity", "diversity", ".2f"),
+        ("s/sample", "seconds_per_sample", ".4f"),
+        ("expert calls/sample", "expert_calls_per_sample", ".1f"),
+    ]
+    if any("inception_fid" in r for r in rows):
+        columns.insert(3, ("Inception FID", "inception_fid", ".2f"))
+    for name, _, _ in columns:
+        table.add_column(name, justify="left" if name == "routing" else "right")
+    for row in rows:
+        table.add_row(*[_fmt(row.get(key), fmt) for _, key, fmt in columns])
+    return table
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt) if fmt != "s" else str(value)

@@ -1,0 +1,254 @@
+"""Evaluate a model or an ensemble: one table row per routing mode with FID (and its real-vs-real floor), class
+accuracy, diversity, seconds and expert calls per sample. `isles eval` (client/cli/eval.py) prints these rows.
+
+FID is measured against n held-out real items with a feature network trained on other items (router/features.py);
+the floor is the FID between those n items and n more held-out ones, so every FID comes with what "perfect" scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from isles.protocol.errors import IslesError
+
+from . import features as feature_net
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = 1000  # samples per row, and real items in the reference: FID depends on the count, keep it fixed
+    routings: tuple[str, ...] = ("top1", "top2", "full")  # ensembles only; a single model has one row
+    steps: int = 30  # Euler steps per sample
+    seed: int = 0
+    batch_size: int = 250
+    guidance_scale: float = 1.0
+    inception: bool = False  # also the standard Inception FID (torch-fidelity; real images only)
+    device: str | None = None
+    cache_dir: Path | None = None  # the feature network's cache (default: the user cache dir)
+
+
+@dataclass
+class Reference:
+    """n held-out real items (A), their features, and the floor FID(A, B) against n other held-out items (B)."""
+
+    source: str
+    pixels: torch.Tensor  # uint8 [n, C, H, W]
+    labels: torch.Tensor | None
+    num_classes: int | None
+    net: feature_net.FeatureNet
+    features: torch.Tensor
+    floor: float
+    real_accuracy: float | None
+    real_diversity: float
+    other_pixels: torch.Tensor = field(repr=False, default=None)  # B, for the Inception floor
+
+    @property
+    def n(self) -> int:
+        return len(self.pixels)
+
+
+def build_reference(
+    source: str,
+    n: int,
+    channels: int,
+    resolution: int,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    feature_overrides: dict | None = None,
+) -> Reference:
+    """The FID reference of a data source at a data shape.
+
+    procedural[:N[:SEED]]: 2n items of the generator's own held-out stream; the feature network is trained on a third
+    stream. Any other source (digits, a folder, hf:...): a fixed half of the data trains the feature network and the
+    other half is the reference pool (the evaluated model may have trained on those items: say so when reporting).
+    """
+    from isles.experts import procedural
+
+    overrides = dict(feature_overrides or {})
+    if procedural.is_procedural(source):
+        _, seed = procedural.parse_spec(source)
+        if channels != 3:
+            raise IslesError(f"the procedural data set is RGB but the model makes {channels}-channel items")
+        pixels, labels = procedural.generate(2 * n, seed=seed, stream="reference", resolution=resolution)
+        spec = feature_net.procedural_spec(resolution=resolution, **overrides)
+        net = feature_net.load_or_train(spec, cache_dir=cache_dir, device=device)
+        num_classes: int | None = procedural.NUM_CLASSES
+    else:
+        from isles.experts.data import load_source
+
+        data = load_source(source, resolution=resolution)
+        if data.is_latent:
+            raise IslesError("FID needs pixel data; this source holds latents", hint="evaluate with a pixel data set")
+        if data.labels is None:
+            raise IslesError(f"{source} has no class labels to train the FID feature network on")
+        if data.shape != (channels, resolution, resolution):
+            raise IslesError(
+                f"{source} items are {list(data.shape)}, the model makes {[channels, resolution, resolution]}",
+                hint="pass the data set the model was trained on with --data",
+            )
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        train_idx, pool = order[: len(data) // 2], order[len(data) // 2 :]
+        if len(pool) < 2 * n:
+            log.warning("only %d held-out items: FID at n=%d instead of %d", len(pool), len(pool) // 2, n)
+            n = len(pool) // 2
+        spec = feature_net.data_spec(
+            source, data.items[train_idx], data.labels[train_idx], data.num_classes, **overrides
+        )
+        net = feature_net.load_or_train(spec, data.items[train_idx], data.labels[train_idx], cache_dir, device)
+        pixels, labels = data.items[pool[: 2 * n]], data.labels[pool[: 2 * n]]
+        num_classes = data.num_classes
+    feats, logits = net.embed_all(metrics.to_model_space(pixels))
+    floor = metrics.fid(feats[:n], feats[n:])
+    return Reference(
+        source=source,
+        pixels=pixels[:n],
+        labels=labels[:n],
+        num_classes=num_classes,
+        net=net,
+        features=feats[:n],
+        floor=floor,
+        real_accuracy=metrics.class_accuracy(logits[:n], labels[:n]),
+        real_diversity=metrics.diversity(feats[:n]),
+        other_pixels=pixels[n:],
+    )
+
+
+class Sampler(Protocol):
+    name: str
+    num_classes: int | None
+    is_ensemble: bool  # False: a single model, one row (routing does not apply)
+
+    def sample(
+        self, n: int, labels: torch.Tensor | None, routing: str, steps: int, seed: int, guidance_scale: float
+    ) -> tuple[torch.Tensor, float]:
+        """n samples in [-1, 1] and the mean number of expert (model) calls per sample."""
+
+
+class EnsembleSampler:
+    def __init__(self, pipe, name: str = "ensemble"):
+        self.pipe, self.name, self.num_classes = pipe, name, pipe.num_classes
+        self.is_ensemble = True
+
+    def sample(self, n, labels, routing, steps, seed, guidance_scale):
+        result = self.pipe(
+            n=n,
+            class_labels=labels,
+            routing=routing,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            return_routing=True,
+        )
+        calls = float((result.weights > 0).sum(dim=-1).float().sum(dim=0).mean())  # [steps, B, K] -> per sample
+        if guidance_scale != 1.0 and labels is not None:
+            calls *= 2
+        return result.images.cpu(), calls
+
+
+class ModelSampler:
+    def __init__(self, model: torch.nn.Module, objective: str = "fm", name: str = "model"):
+        from isles.experts.presets import model_num_classes
+
+        self.model, self.objective, self.name = model.eval(), objective, name
+        self.num_classes = model_num_classes(model)
+        self.is_ensemble = False
+
+    def sample(self, n, labels, routing, steps, seed, guidance_scale):
+        from isles.experts.expert import sample_expert
+
+        generator = torch.Generator().manual_seed(seed)
+        images = sample_expert(self.model, self.objective, n, steps, labels, guidance_scale, generator)
+        return images.cpu(), float(steps * (2 if guidance_scale != 1.0 and labels is not None else 1))
+
+
+def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list[dict[str, Any]]:
+    """One row per routing mode (one row for a single model), every FID at the reference's sample count."""
+    n = reference.n
+    conditional = sampler.num_classes is not None and reference.labels is not None
+    if conditional and sampler.num_classes != reference.num_classes:
+        raise IslesError(
+            f"the model has {sampler.num_classes} classes, the reference data {reference.num_classes}",
+            hint="pass the data set the model was trained on with --data",
+        )
+    routings = config.routings if sampler.is_ensemble else ("single",)
+    rows = []
+    for routing in routings:
+        images, calls, start = [], 0.0, time.perf_counter()
+        for i in range(0, n, config.batch_size):
+            count = min(config.batch_size, n - i)
+            labels = reference.labels[i : i + count] if conditional else None
+            batch, batch_calls = sampler.sample(
+                count, labels, routing, config.steps, config.seed * 1_000_003 + i, config.guidance_scale
+            )
+            images.append(batch)
+            calls += batch_calls * count
+        seconds = time.perf_counter() - start
+        x = torch.cat(images)
+        feats, logits = reference.net.embed_all(x)
+        row = {
+            "model": sampler.name,
+            "routing": routing,
+            "n": n,
+            "fid": round(metrics.fid(feats, reference.features), 4),
+            "fid_floor": round(reference.floor, 4),
+            "accuracy": round(metrics.class_accuracy(logits, reference.labels), 4) if conditional else None,
+            "real_accuracy": round(reference.real_accuracy, 4) if reference.real_accuracy is not None else None,
+            "diversity": round(metrics.diversity(feats), 4),
+            "real_diversity": round(reference.real_diversity, 4),
+            "class_entropy": round(metrics.class_entropy(logits, reference.num_classes), 4)
+            if reference.num_classes
+            else None,
+            "seconds_per_sample": round(seconds / n, 5),
+            "expert_calls_per_sample": round(calls / n, 3),
+            "steps": config.steps,
+        }
+        if config.inception:
+            row["inception_fid"] = metrics.inception_fid(metrics.to_uint8(x), reference.pixels, config.device)
+        log.info("%s %s: FID %.3f (floor %.3f)", sampler.name, routing, row["fid"], row["fid_floor"])
+        rows.append(row)
+    return rows
+
+
+def load_sampler(path: str, store: str | None = None, revision: str | None = None, device: str | None = None):
+    """A sampler for an ensemble (folder with ensemble.json, or a repo of `store`) or one model (a diffusers folder,
+    with expert.json giving its objective), and the data source it records (None if unknown)."""
+    from .ensemble import ENSEMBLE_FILE, EnsemblePipeline
+
+    folder = Path(path)
+    if store is not None or (folder / ENSEMBLE_FILE).is_file():
+        from isles.protocol.artifacts import open_store
+
+        pipe = EnsemblePipeline.from_pretrained(
+            path, store=open_store(store) if store else None, revision=revision, device=device
+        )
+        source = next((e.meta.get("data", {}).get("source") for e in pipe.experts.values() if e.meta), None)
+        return EnsembleSampler(pipe, name=folder.name or path), source
+    if (folder / "config.json").is_file():
+        from isles.experts.device import pick_device
+        from isles.experts.presets import load_model
+
+        info = json.loads((folder / "expert.json").read_text()) if (folder / "expert.json").is_file() else {}
+        model = load_model(folder).to(pick_device(device))
+        return ModelSampler(model, info.get("objective", "fm"), name=folder.name), info.get("data", {}).get("source")
+    raise IslesError(
+        f"{path} is neither an ensemble nor a model folder",
+        hint="pass a folder with ensemble.json (isles aggregate) or config.json (one expert), or a repo with --store",
+    )
+
+
+def sampler_shape(sampler) -> tuple[int, int]:
+    """(channels, resolution) of what a sampler makes."""
+    if isinstance(sampler, EnsembleSampler):
+        return sampler.pipe.channels, sampler.pipe.resolution
+    config = sampler.model.config
+    res = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    return config.in_channels, res
