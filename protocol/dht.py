@@ -75,7 +75,7 @@ def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]
         return dict[BytesWithPublicKey, record] | None
 
     annotations: dict[str, object] = {
-        keys.MANIFEST: RunManifest | None,
+        keys.MANIFEST: dict[pydantic.StrictStr, RunManifest] | None,  # subkey: the run id (values cannot be dicts)
         keys.PRESENCE: signed(PeerPresence),
         keys.ENSEMBLE: signed(Ensemble),
         keys.REJECTIONS: signed(Rejection),
@@ -86,8 +86,9 @@ def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]
         annotations[keys.run_field(keys.RELEASES, unit)] = signed(Release)
 
     def check_manifest(cls, value):  # a valid manifest of another run must not sit under this run's key
-        if value is not None and value.run_id != run_id:
-            raise ValueError(f"manifest of run {value.run_id} stored under run {run_id}")
+        for subkey, manifest in (value or {}).items():
+            if subkey != run_id or manifest.run_id != run_id:
+                raise ValueError(f"manifest of run {manifest.run_id} stored under run {run_id}")
         return value
 
     namespace = {
@@ -244,6 +245,11 @@ def _daemon_error(exc: Exception, identity: Identity, config: DHTConfig) -> Isle
             f"the identity in {identity.folder} is already used by another running peer",
             hint="stop that peer, or give this one its own folder with --identity DIR "
             "(cloned machines or containers must not share an identity)",
+        )
+    if "address already in use" in text.lower():
+        return IslesError(
+            f"cannot listen on {' '.join(config.host_maddrs)}: the port is already in use",
+            hint="stop the other node on that port, or choose another one (--port or --host-maddrs)",
         )
     if "bootstrap peers" in text:
         return unreachable_error(config.initial_peers)

@@ -89,7 +89,7 @@ class Swarm:
         """Store the manifest under its run's key and add it to the runs index; True if a peer accepted both."""
         self.node.register_run(manifest)
         expiration = dht_time() + expiration_period
-        stored = self._store(keys.manifest_key(manifest.run_id), manifest.to_value(), expiration)
+        stored = self._store(keys.manifest_key(manifest.run_id), manifest.to_value(), expiration, manifest.run_id)
         entry = RunIndexEntry(
             run_id=manifest.run_id, name=manifest.name, units=len(manifest.units), published_time=dht_time()
         )
@@ -98,7 +98,9 @@ class Swarm:
 
     def get_manifest(self, run_id: str) -> RunManifest | None:
         found = self.node.get(keys.manifest_key(run_id), latest=True)
-        manifest = parse_record(RunManifest, found.value) if found is not None else None
+        if found is None or not isinstance(found.value, dict) or run_id not in found.value:
+            return None
+        manifest = parse_record(RunManifest, found.value[run_id].value)
         if manifest is None or manifest.run_id != run_id:
             return None
         self.node.register_run(manifest)
