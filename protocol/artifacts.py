@@ -110,6 +110,15 @@ def verify_files(folder: str | os.PathLike, expected: Mapping[str, str], source:
             )
 
 
+def check_loadable(path: str | os.PathLike) -> None:
+    """Refuse to parse anything but safetensors and JSON from a pulled artifact (no pickles, no code)."""
+    if not os.fspath(path).endswith(LOADABLE_SUFFIXES):
+        raise IslesError(
+            f"refusing to load {os.fspath(path)!r}: only safetensors and JSON files are loaded from artifacts",
+            hint="publish weights as .safetensors and metadata as .json",
+        )
+
+
 def check_expected(expected: Mapping[str, str]) -> dict[str, str]:
     if not expected:
         raise IslesError("nothing to pull: the record lists no files", hint="pass {path: sha256} from the record")

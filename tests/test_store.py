@@ -17,6 +17,7 @@ from isles.protocol.artifacts import (
     ArtifactNotFound,
     IntegrityError,
     StoreUnavailable,
+    check_loadable,
     folder_files,
     open_store,
 )
@@ -297,6 +298,9 @@ def test_open_store_parses_uris(tmp_path):
         assert "hf://" in err.value.hint
     with pytest.raises(IslesError, match="invalid repo name"):
         open_store(tmp_path).publish("../escape", tmp_path)
+    with pytest.raises(IslesError, match="only safetensors and JSON"):
+        check_loadable("expert_0/pytorch_model.bin")
+    check_loadable("expert_0/diffusion_pytorch_model.safetensors")
     with pytest.raises(IslesError, match="invalid file path"):
         open_store(tmp_path).pull("r", "a" * 40, tmp_path / "d", {"../x": "0" * 64})
 
