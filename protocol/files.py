@@ -25,9 +25,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def sha256_folder(folder: str | os.PathLike) -> dict[str, str]:
     """{relative posix path: sha256} of every regular file under `folder`, sorted by path."""
     root = Path(folder)
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @contextmanager
