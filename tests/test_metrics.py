@@ -129,3 +129,64 @@ def test_data_spec_keys_on_the_data():
     a = features.data_spec("digits", x, y, 10)
     b = features.data_spec("digits", x + 1, y, 10)
     assert a.key() != b.key() and a.channels == 1 and a.resolution == 8
+
+
+def _tiny_ensemble(folder, objectives=("fm", "ddpm")):
+    """An untrained 2-expert ensemble for 8x8 digits (10 classes): enough to exercise `isles eval` end to end."""
+    from isles.experts.presets import build_model
+    from isles.router.ensemble import EnsemblePipeline, Expert
+    from isles.router.model import RouterModel, router_config
+
+    torch.manual_seed(0)
+    experts = {
+        i: Expert(i, build_model("unet-tiny", 1, 8, 10), obj, {"data": {"source": "digits"}})
+        for i, obj in enumerate(objectives)
+    }
+    router = RouterModel(router_config("cnn-tiny", len(objectives), 1, 8, 10))
+    EnsemblePipeline(experts, router).save_pretrained(folder)
+    return experts[0].model
+
+
+def test_isles_eval_ensemble_rows_as_json(tmp_path):
+    import json
+    import subprocess
+
+    from conftest import ISLES
+
+    _tiny_ensemble(tmp_path / "ens")
+    args = ["eval", str(tmp_path / "ens"), "--n", "40", "--steps", "2", "--routing", "top1", "--routing", "full"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--json", "--json-out", str(tmp_path / "eval.json")]
+    args += ["--device", "cpu"]
+    proc = subprocess.run(ISLES + args, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["data"] == "digits"  # recorded in the experts' expert.json
+    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    rows = {r["routing"]: r for r in result["rows"]}
+    assert set(rows) == {"top1", "full"}
+    assert rows["top1"]["expert_calls_per_sample"] == 2.0  # one expert per step
+    assert rows["full"]["expert_calls_per_sample"] == 4.0  # both experts at both steps
+    for row in rows.values():
+        assert row["n"] == 40 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["fid"] > row["fid_floor"] >= 0.0  # an untrained model is far from real digits
+        assert row["seconds_per_sample"] > 0
+
+
+def test_isles_eval_single_expert_table_and_errors(tmp_path):
+    import subprocess
+
+    from conftest import ISLES
+    from isles.experts.expert import export_expert
+
+    model = _tiny_ensemble(tmp_path / "ens")
+    export_expert(model, tmp_path / "expert", objective="fm", preset="unet-tiny", data_meta={"source": "digits"})
+    args = ["eval", str(tmp_path / "expert"), "--n", "30", "--steps", "1", "--cache-dir", str(tmp_path / "c")]
+    proc = subprocess.run(ISLES + args + ["--device", "cpu"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "single" in proc.stdout and "FID" in proc.stdout and "floor" in proc.stdout
+    proc = subprocess.run(ISLES + ["eval", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Error:" in proc.stderr and "Hint:" in proc.stderr
+    proc = subprocess.run(
+        ISLES + ["eval", str(tmp_path / "ens"), "--routing", "sideways"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and "unknown routing" in proc.stderr
