@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -29,8 +30,12 @@ def setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
-    # hivemind installs its own handler on its loggers; route them through ours and keep them quiet.
-    for name in ("hivemind", "p2p"):
+    if not sys.stderr.isatty():
+        # huggingface_hub reads this when it is first imported (commands import it lazily, after this point).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # hivemind installs its own handler on its loggers; route them through ours and keep them quiet, along with the
+    # HTTP clients' per-request lines.
+    for name in ("hivemind", "p2p", "httpx", "httpx2", "httpcore", "huggingface_hub", "filelock", "urllib3"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
