@@ -1,0 +1,158 @@
+"""Shard leases between real hivemind peers on 127.0.0.1: a 12-peer race for 4 shards, expiry after a peer vanishes,
+and a restarted peer renewing its own claim. Short lease periods keep it fast. Run: pytest tests/test_leases.py -q
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import wait_for
+from isles.protocol.dht import DHTConfig, open_dht
+from isles.protocol.leases import LeaseManager, LeaseSettings, rendezvous_rank
+from isles.protocol.records import CheckpointPointer
+from isles.protocol.swarm import Swarm, dht_time
+from isles.protocol.swarm_view import read_run
+from test_records import LOOPBACK, make_manifest, start_peers
+
+FAST = LeaseSettings(ttl_period=4.0, heartbeat_period=1.0, settle_period=1.0)
+
+
+@pytest.fixture
+def swarms(request):
+    """`request.param` peers (default 3) as Swarm objects; all shut down at teardown."""
+    nodes = start_peers(getattr(request, "param", 3))
+    yield [Swarm(node) for node in nodes]
+    for node in nodes:
+        node.shutdown()
+
+
+def race(managers: list[LeaseManager], units: list[str]) -> list:
+    """Every manager tries to acquire one of `units` at the same moment; their leases (or None) in order."""
+    results: list = [None] * len(managers)
+    start = threading.Barrier(len(managers))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = managers[i].acquire(units)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(managers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_rendezvous_ranking_differs_between_peers_and_is_stable():
+    units = [f"expert-{i}" for i in range(8)]
+    firsts = {rendezvous_rank(units, f"peer-{p}")[0] for p in range(32)}
+    assert len(firsts) > 3  # racing peers start on different units
+    assert rendezvous_rank(units, "peer-1") == rendezvous_rank(list(reversed(units)), "peer-1")
+    with pytest.raises(ValueError):
+        LeaseSettings(ttl_period=5, heartbeat_period=10)
+
+
+@pytest.mark.parametrize("swarms", [12], indirect=True)
+def test_twelve_peers_race_for_four_shards(swarms):
+    manifest = make_manifest(num_shards=4)
+    swarms[0].publish_manifest(manifest)
+    shards = manifest.units[:4]
+    managers = [LeaseManager(swarm, manifest.run_id, FAST) for swarm in swarms]
+    leases = race(managers, shards)
+    try:
+        won = [lease for lease in leases if lease is not None]
+        assert sorted(lease.unit for lease in won) == shards  # every shard has an owner, and only one
+        # After the settle period every peer sees the same single live claim per shard: the losers withdrew.
+        for swarm in (swarms[0], swarms[-1]):
+            for shard in shards:
+                owner = LeaseManager(swarm, manifest.run_id, FAST).owner(shard)
+                holder = next(lease for lease in won if lease.unit == shard)
+                assert owner is not None and owner.peer_id == holder.claim.peer_id
+                live = [e for e in swarm.get_claims(manifest.run_id, shard) if e.record.state == "claimed"]
+                assert len(live) == 1
+        # The losers moved on and found nothing left: a new claim on an owned shard fails at once.
+        loser = managers[leases.index(None)]
+        assert loser.acquire(shards) is None
+
+        # Heartbeats carry progress to any reader.
+        won[0].update_progress(step=5, steps=20, samples_per_s=16.0)
+
+        def progress_visible():
+            view = read_run(swarms[-1], manifest.run_id)
+            unit = next(u for u in view.units if u.unit == won[0].unit)
+            return unit.state == "claimed" and unit.step == 5 and unit.eta_s == pytest.approx(7.5)
+
+        wait_for(progress_visible, timeout=20, message="the heartbeat's progress")
+        assert all(lease.active for lease in won)
+    finally:
+        for manager in managers:
+            manager.close()
+    view = read_run(swarms[1], manifest.run_id)
+    assert all(u.state == "open" for u in view.units)  # withdrawn leases free their units at once
+
+
+def test_vanished_peer_loses_its_shard_after_the_ttl(swarms):
+    a, b, c = swarms
+    manifest = make_manifest()
+    a.publish_manifest(manifest)
+    lease_b = LeaseManager(b, manifest.run_id, FAST).claim("expert-0")
+    assert lease_b is not None
+    now = dht_time()
+    b.put_checkpoint(
+        CheckpointPointer(
+            run_id=manifest.run_id,
+            unit="expert-0",
+            token=lease_b.fencing_token,
+            repo="ckpt",
+            revision="abc",
+            files={"state.safetensors": "0" * 64},
+            step=7,
+            steps=20,
+            written_time=now,
+        )
+    )
+    b.node.shutdown()  # vanishes without withdrawing; its heartbeat thread stops on the dead DHT
+
+    manager_c = LeaseManager(c, manifest.run_id, FAST)
+    assert manager_c.claim("expert-0") is None  # still owned until the TTL runs out
+    lease_c = wait_for(lambda: manager_c.claim("expert-0"), timeout=FAST.ttl_period + 30, message="the takeover")
+    try:
+        token = lease_c.fencing_token
+        assert token.owner == c.peer_id and token.attempt == lease_b.fencing_token.attempt + 1
+        assert c.latest_checkpoint(manifest.run_id, "expert-0").step == 7  # the next claimant resumes from here
+        assert LeaseManager(a, manifest.run_id, FAST).owner("expert-0").peer_id == c.peer_id
+    finally:
+        manager_c.close()
+
+
+def test_restarted_peer_keeps_its_peer_id_and_renews_its_claim(swarms, tmp_path):
+    a, _, c = swarms
+    manifest = make_manifest()
+    slow = LeaseSettings(ttl_period=30.0, heartbeat_period=1.0, settle_period=1.0)  # outlive the restart
+    config = DHTConfig(
+        initial_peers=tuple(a.node.visible_maddrs()), host_maddrs=LOOPBACK, identity_dir=tmp_path / "id"
+    )
+    first = Swarm(open_dht(config))
+    lease = LeaseManager(first, manifest.run_id, slow).claim("expert-1")
+    assert lease is not None
+    peer_id, claimed_time = first.peer_id, lease.claim.claimed_time
+    first.node.shutdown()  # a crash: no withdrawal
+
+    again = Swarm(open_dht(config))
+    manager = LeaseManager(again, manifest.run_id, slow)
+    try:
+        assert again.peer_id == peer_id
+        assert LeaseManager(c, manifest.run_id, slow).claim("expert-1") is None  # others still see it owned
+        renewed = manager.claim("expert-1")
+        assert renewed is not None
+        assert renewed.claim.claimed_time == claimed_time  # the same claim, renewed: its place in line is kept
+        renewed.update_progress(3, 20, 1.0)
+        assert renewed.renew()
+        owner = LeaseManager(c, manifest.run_id, slow).owner("expert-1")
+        assert owner.peer_id == peer_id and owner.step == 3
+        renewed.withdraw()
+        assert LeaseManager(c, manifest.run_id, slow).owner("expert-1") is None
+    finally:
+        manager.close()
+        again.node.shutdown()
