@@ -46,17 +46,23 @@ class DHTConfig:
 
 def parse_multiaddr(text: str, need_peer_id: bool = True) -> str:
     """Check one multiaddr typed by a user; an unparseable one is an IslesError saying what one looks like."""
+    example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (copy it from the line `isles bootstrap` prints)"
+    text = text.strip()
+    # Cheap checks first: importing hivemind takes seconds, a typo should not.
+    if not text.startswith("/"):
+        raise IslesError(
+            f"cannot parse the multiaddr {text!r}: it must begin with /", hint=f"a peer address looks like {example}"
+        )
+    if need_peer_id and "/p2p/" not in text:
+        raise IslesError(f"the multiaddr {text!r} has no /p2p/<peer id> part", hint=f"use the full address: {example}")
     from hivemind.utils.multiaddr import Multiaddr
 
-    example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (copy it from the line `isles bootstrap` prints)"
     try:
-        maddr = Multiaddr(text.strip())
+        maddr = Multiaddr(text)
     except Exception as exc:  # the multiaddr library raises several unrelated types
         raise IslesError(
             f"cannot parse the multiaddr {text!r}: {exc}", hint=f"a peer address looks like {example}"
         ) from None
-    if need_peer_id and "p2p" not in maddr:
-        raise IslesError(f"the multiaddr {text!r} has no /p2p/<peer id> part", hint=f"use the full address: {example}")
     return str(maddr)
 
 
