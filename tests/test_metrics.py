@@ -190,3 +190,28 @@ def test_isles_eval_single_expert_table_and_errors(tmp_path):
         ISLES + ["eval", str(tmp_path / "ens"), "--routing", "sideways"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 1 and "unknown routing" in proc.stderr
+
+
+@pytest.mark.slow
+def test_iso_flop_quick_writes_every_configuration(tmp_path):
+    """benchmarks/iso_flop.py --quick: both sides train on the same FLOPs; every configuration has mean and spread."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "iso_flop.py"
+    args = [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(args + ["--threads", "1", "--device", "cpu"], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "iso_flop_quick.json").read_text())
+    budget = result["monolith"]["train_flops"]
+    for name in ("monolith", "top1", "top2", "full", "hetero", "all_fm", "random_shards"):
+        row = result[name]
+        assert row["fid_mean"] >= 0 and row["fid_std"] >= 0 and len(row["fid_per_seed"]) == 2
+        assert abs(row["train_flops"] - budget) <= 0.05 * budget, name  # iso-FLOP, router included
+    assert result["top1"]["expert_calls_per_sample"] < result["full"]["expert_calls_per_sample"]
+    assert result["fid_floor"] < result["monolith"]["fid_mean"]
+    assert (tmp_path / "iso_flop_quick.png").stat().st_size > 1000
+    assert "| monolith |" in (tmp_path / "iso_flop_quick.md").read_text()
+    assert "| monolith |" in proc.stdout

@@ -1,0 +1,369 @@
+"""The iso-FLOP benchmark: does an ensemble of experts trained in isolation beat one model trained on all the data
+with the same training FLOPs (counted by the trainer, the router's on the ensemble side)?
+
+Run: `python benchmarks/iso_flop.py --quick` (a few minutes, what the tests run); `python benchmarks/iso_flop.py` (the
+reported CPU run, ~2 h on 2 cores); larger runs on a GPU with e.g. `--resolution 32 --preset unet-small --mono-steps
+20000 --n 5000`. Writes <out>/iso_flop.{json,md,png} (iso_flop_quick.* with --quick) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from isles.experts import procedural
+from isles.experts.checkpoints import read_checkpoint
+from isles.experts.data import split_mask
+from isles.experts.device import pick_device
+from isles.experts.expert import ExpertTask
+from isles.experts.presets import preset_stats
+from isles.experts.trainer import TrainRecipe, train
+from isles.protocol.files import atomic_write_bytes, atomic_write_json
+from isles.router import metrics
+from isles.router.encoders import embed_items, make_encoder
+from isles.router.ensemble import EnsemblePipeline, Expert
+from isles.router.evaluate import EnsembleSampler, EvalConfig, ModelSampler, build_reference, evaluate
+from isles.router.partition import kmeans
+from isles.router.router_task import RouterTask
+
+log = logging.getLogger("iso_flop")
+CONFIGS = ("monolith", "top1", "top2", "full", "hetero", "all_fm", "random_shards")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    items: int = 20_000  # procedural items (seed 0): both sides train on exactly these (minus the validation split)
+    resolution: int = 16
+    experts: int = 4
+    preset: str = "unet-tiny"  # the monolith and every expert: same architecture, as in the DDM paper
+    mono_steps: int = 1200  # the monolith's steps; its training FLOPs are the budget both sides get
+    batch: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.999
+    router_preset: str = "cnn-small"
+    router_fraction: float = 0.05  # share of the ensemble's budget spent on the router (the papers: ~4%)
+    router_batch: int = 64
+    hetero_ddpm: int = 2  # the heterogeneous ensemble: this many DDPM experts, the rest flow matching
+    routing: str = "top1"  # the routing of the all_fm / hetero / random_shards rows and of the FLOP curve
+    encoder: str = "pixels"  # embedding for k-means (PCA of pixels; DINOv2 needs the `real` extra)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n: int = 500  # samples per FID and held-out reference items (always the same count)
+    sample_steps: int = 20
+    curve_points: int = 3  # budget fractions 1/P, 2/P, ..., 1 evaluated for the FID-vs-FLOPs plot
+    val_fraction: float = 0.05
+    feature_overrides: dict = field(default_factory=dict)  # e.g. a tiny feature network for --quick
+
+    def routings(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(("top1", "top2", "full", self.routing)))
+
+
+QUICK = BenchConfig(
+    items=1500, resolution=8, experts=3, mono_steps=40, batch=16, lr=2e-3, warmup_steps=5, router_batch=32,
+    seeds=(0, 1), n=64, sample_steps=4, curve_points=2,
+    feature_overrides={"train_items": 1024, "epochs": 1, "batch_size": 64},
+)  # fmt: skip
+
+
+def _recipe(config: BenchConfig, steps: int, seed: int, batch: int | None = None) -> TrainRecipe:
+    return TrainRecipe(
+        steps=max(1, steps), global_batch=batch or config.batch, lr=config.lr, warmup_steps=config.warmup_steps,
+        ema_decay=config.ema_decay, seed=seed, checkpoint_every_steps=None, checkpoint_every_seconds=None,
+    )  # fmt: skip
+
+
+class CountedRouterTask(RouterTask):
+    """The router task with its training FLOPs per item, so that the trainer counts them like an expert's."""
+
+    def flops_per_sample(self) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = self.build_model()
+        c, h, _ = self.shards[0].shape
+        labels = torch.zeros(2, dtype=torch.long) if self.num_classes is not None else None
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(2, c, h, h), torch.full((2,), 0.5), labels).sum().backward()
+        return int(counter.get_total_flops()) // 2
+
+
+class Trained:
+    """One model trained in stages (stop_at_step), so it can be evaluated at fractions of its budget."""
+
+    def __init__(self, task, recipe: TrainRecipe, folder: Path, device: torch.device):
+        self.task, self.recipe, self.folder, self.device = task, recipe, folder, device
+        self.flops = 0
+        self.model: torch.nn.Module | None = None
+
+    def advance(self, fraction: float) -> None:
+        stop = max(1, round(self.recipe.steps * fraction))
+        result = train(self.task, self.recipe, self.folder, device=self.device, stop_at_step=stop, export=False)
+        self.flops = int(result.metrics.get("train_flops", 0))
+        model = self.task.build_model()
+        model.load_state_dict(read_checkpoint(result.checkpoint)["ema"])
+        self.model = model.to(self.device).eval()
+
+
+def _shards(data, clusters: torch.Tensor, k: int) -> list:
+    shards = []
+    for c in range(k):
+        shard = data.subset(clusters == c)
+        shard.clusters = torch.full((len(shard),), c, dtype=torch.long)
+        shards.append(shard.with_meta(cluster=c, num_clusters=k))
+    return shards
+
+
+def _ensemble(experts: list[Trained], objectives: list[str], router: Trained) -> EnsembleSampler:
+    members = {i: Expert(i, e.model, objectives[i]) for i, e in enumerate(experts)}
+    return EnsembleSampler(EnsemblePipeline(members, router.model).to(router.device))
+
+
+def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device, on_row) -> dict:
+    """Train every configuration for one seed and evaluate it; returns {config: row} and the FLOP curve points."""
+    torch.manual_seed(seed)
+    k = config.experts
+    c, res, _ = data.shape
+    fps = preset_stats(config.preset, c, res, procedural.NUM_CLASSES)["train_flops_per_sample"]
+    budget = fps * config.batch * config.mono_steps
+    # 1. Clusters: k-means on an embedding (what `isles partition` does), and a random split of the same sizes.
+    feats = embed_items(data.items, make_encoder(config.encoder, seed=seed))
+    km = torch.from_numpy(kmeans(feats, k, seed=seed))
+    rand = km[torch.randperm(len(km), generator=torch.Generator().manual_seed(seed))]
+    km_shards, rand_shards = _shards(data, km, k), _shards(data, rand, k)
+    # 2. Iso-FLOP recipes: the experts share (1 - router_fraction) of the budget equally, in whole steps; the router
+    #    gets what is left, so the two sides differ by less than one router step.
+    router_task = CountedRouterTask(km_shards, preset=config.router_preset)
+    router_step_flops = router_task.flops_per_sample() * config.router_batch
+    expert_steps = max(1, math.floor(budget * (1 - config.router_fraction) / (k * fps * config.batch)))
+    router_steps = max(1, math.floor((budget - k * expert_steps * fps * config.batch) / router_step_flops))
+    router_flops = router_step_flops * router_steps
+    log.info(
+        "seed %d: budget %.3g FLOPs; monolith %d steps; %d experts x %d steps; router %d steps (cluster sizes %s)",
+        seed,
+        budget,
+        config.mono_steps,
+        k,
+        expert_steps,
+        router_steps,
+        torch.bincount(km).tolist(),
+    )
+    d = work / f"seed{seed}"
+    mono = Trained(ExpertTask(data, config.preset, "fm"), _recipe(config, config.mono_steps, seed), d / "mono", device)
+    fm = [
+        Trained(
+            ExpertTask(s, config.preset, "fm"), _recipe(config, expert_steps, seed + 1000 * i), d / f"fm{i}", device
+        )
+        for i, s in enumerate(km_shards)
+    ]
+    router = Trained(router_task, _recipe(config, router_steps, seed, config.router_batch), d / "router", device)
+    ev = EvalConfig(n=config.n, steps=config.sample_steps, seed=seed, device=str(device))
+    rows: dict[str, dict] = {}
+    curve: dict[str, list] = {"monolith": [], f"ensemble_{config.routing}": []}
+    # 3. Train both sides in stages and evaluate them at each fraction of the budget (the last one is the budget).
+    for j in range(1, config.curve_points + 1):
+        fraction = j / config.curve_points
+        for model in [mono, *fm, router]:
+            model.advance(fraction)
+        last = j == config.curve_points
+        mono_row = evaluate(ModelSampler(mono.model, "fm", "monolith"), reference, ev)[0]
+        ens_flops = sum(e.flops for e in fm) + router.flops
+        routings = config.routings() if last else (config.routing,)
+        ens_rows = evaluate(_ensemble(fm, ["fm"] * k, router), reference, dataclasses.replace(ev, routings=routings))
+        curve["monolith"].append([mono.flops, mono_row["fid"]])
+        by_routing = {r["routing"]: r for r in ens_rows}
+        curve[f"ensemble_{config.routing}"].append([ens_flops, by_routing[config.routing]["fid"]])
+        if last:
+            rows["monolith"] = {**mono_row, "train_flops": mono.flops}
+            for name in ("top1", "top2", "full"):
+                rows[name] = {**by_routing[name], "train_flops": ens_flops}
+            rows["all_fm"] = {**by_routing[config.routing], "train_flops": ens_flops}
+        on_row(
+            f"seed {seed}, {fraction:.2f} of budget: monolith FID {mono_row['fid']:.3f}, ensemble "
+            f"{config.routing} FID {by_routing[config.routing]['fid']:.3f}"
+        )
+    # 4. Heterogeneous objectives: the first hetero_ddpm experts retrained with DDPM, the rest reused; same router.
+    objectives = ["ddpm"] * config.hetero_ddpm + ["fm"] * (k - config.hetero_ddpm)
+    hetero = list(fm)
+    for i in range(config.hetero_ddpm):
+        task = ExpertTask(km_shards[i], config.preset, "ddpm")
+        hetero[i] = Trained(task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device)
+        hetero[i].advance(1.0)
+    ev_one = dataclasses.replace(ev, routings=(config.routing,))
+    row = evaluate(_ensemble(hetero, objectives, router), reference, ev_one)[0]
+    rows["hetero"] = {**row, "train_flops": sum(e.flops for e in hetero) + router.flops}
+    # 5. Random sharding: the same recipe on random shards of the same sizes, with its own router.
+    rand_router = Trained(
+        CountedRouterTask(rand_shards, preset=config.router_preset),
+        _recipe(config, router_steps, seed, config.router_batch), d / "rand_router", device,
+    )  # fmt: skip
+    rand_fm = [
+        Trained(
+            ExpertTask(s, config.preset, "fm"), _recipe(config, expert_steps, seed + 1000 * i), d / f"rand{i}", device
+        )
+        for i, s in enumerate(rand_shards)
+    ]
+    for model in [*rand_fm, rand_router]:
+        model.advance(1.0)
+    row = evaluate(_ensemble(rand_fm, ["fm"] * k, rand_router), reference, ev_one)[0]
+    rows["random_shards"] = {**row, "train_flops": sum(e.flops for e in rand_fm) + rand_router.flops}
+    on_row(f"seed {seed}: " + ", ".join(f"{name} {rows[name]['fid']:.3f}" for name in CONFIGS))
+    return {"rows": rows, "curve": curve, "expert_steps": expert_steps, "router_steps": router_steps,
+            "router_flops": router_flops, "budget": budget, "cluster_sizes": torch.bincount(km).tolist()}  # fmt: skip
+
+
+def summarise(config: BenchConfig, per_seed: list[dict], reference, noise_fid: float, command: str, wall: float):
+    def stat(values):
+        arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+        if len(arr) == 0:
+            return None, None
+        return round(float(arr.mean()), 4), round(float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, 4)
+
+    out: dict = {
+        "command": command,
+        "scale": f"{config.items} procedural items at {config.resolution}x{config.resolution}, {config.preset}, "
+        f"K={config.experts}, monolith {config.mono_steps} steps x batch {config.batch}, {len(config.seeds)} seeds, "
+        f"FID at n={reference.n} with {config.sample_steps} sampling steps",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "fid_floor": round(reference.floor, 4),
+        "noise_fid": round(noise_fid, 4),
+        "real_accuracy": reference.real_accuracy,
+        "wall_time_s": round(wall, 1),
+        "per_seed": [{k: v for k, v in s.items() if k != "rows"} | {"fid": {c: s["rows"][c]["fid"] for c in CONFIGS}}
+                     for s in per_seed],
+    }  # fmt: skip
+    for name in CONFIGS:
+        rows = [s["rows"][name] for s in per_seed]
+        fid_mean, fid_std = stat(r["fid"] for r in rows)
+        acc_mean, acc_std = stat(r["accuracy"] for r in rows)
+        out[name] = {
+            "fid_mean": fid_mean, "fid_std": fid_std, "fid_per_seed": [r["fid"] for r in rows],
+            "accuracy_mean": acc_mean, "accuracy_std": acc_std, "routing": rows[0]["routing"],
+            "diversity_mean": stat(r["diversity"] for r in rows)[0],
+            "expert_calls_per_sample": stat(r["expert_calls_per_sample"] for r in rows)[0],
+            "seconds_per_sample": stat(r["seconds_per_sample"] for r in rows)[0],
+            "train_flops": int(np.mean([r["train_flops"] for r in rows])),
+        }  # fmt: skip
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Scale: {result['scale']}.",
+        f"Real-vs-real FID floor {result['fid_floor']:.3f}; uniform noise {result['noise_fid']:.1f}.",
+        "",
+        "| configuration | routing | FID (mean ± sd) | class accuracy | expert calls / sample | training FLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in CONFIGS:
+        r = result[name]
+        acc = "-" if r["accuracy_mean"] is None else f"{r['accuracy_mean']:.3f}"
+        lines.append(
+            f"| {name} | {r['routing']} | {r['fid_mean']:.3f} ± {r['fid_std']:.3f} | {acc} | "
+            f"{r['expert_calls_per_sample']:.0f} | {r['train_flops']:.3g} |"
+        )
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in result["curve"].items():
+        arr = np.asarray(points, dtype=np.float64)  # [seeds, P, 2]
+        flops, fid = arr[..., 0].mean(0), arr[..., 1]
+        ax.errorbar(flops, fid.mean(0), yerr=fid.std(0, ddof=1) if len(fid) > 1 else None, marker="o", capsize=3,
+                    label=name.replace("_", " "))  # fmt: skip
+    ax.axhline(result["fid_floor"], color="gray", linestyle="--", label="real vs real (floor)")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(f"FID (n={result['config']['n']}, classifier features)")
+    ax.set_yscale("log")
+    ax.set_title("iso-FLOP: monolith vs ensemble")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a few minutes on one CPU core")
+    defaults = BenchConfig()
+    for f in dataclasses.fields(BenchConfig):
+        if f.name in ("feature_overrides",):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "seeds":
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {list(defaults.seeds)}")
+        else:
+            parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None,
+                                help=f"default {getattr(defaults, f.name)}")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--work", type=Path, default=None, help="training folder (default: a temporary one)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="feature-network cache")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else defaults
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if getattr(args, f.name, None)
+                 is not None}  # fmt: skip
+    if "seeds" in overrides:
+        overrides["seeds"] = tuple(overrides["seeds"])
+    config = dataclasses.replace(config, **overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("isles.trainer",):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    device = pick_device(args.device)
+    start = time.perf_counter()
+    command = "python benchmarks/iso_flop.py " + " ".join(shlex.quote(a) for a in argv)
+
+    data = procedural.load(f"procedural:{config.items}", resolution=config.resolution)
+    data.val_mask = split_mask(len(data), config.val_fraction)
+    reference = build_reference(f"procedural:{config.items}", config.n, 3, config.resolution,
+                                cache_dir=args.cache_dir, device=str(device),
+                                feature_overrides=config.feature_overrides)  # fmt: skip
+    noise = torch.rand(
+        reference.n, 3, config.resolution, config.resolution, generator=torch.Generator().manual_seed(0)
+    )
+    noise_fid = metrics.fid(reference.net.embed_all(noise * 2 - 1)[0], reference.features)
+    log.info("reference: n=%d, real-vs-real floor %.3f, noise %.1f", reference.n, reference.floor, noise_fid)
+
+    per_seed = []
+    with tempfile.TemporaryDirectory(prefix="iso-flop-") as tmp:
+        work = args.work or Path(tmp)
+        for seed in config.seeds:
+            per_seed.append(run_seed(config, seed, data, reference, work, device, lambda line: log.info("%s", line)))
+    result = summarise(config, per_seed, reference, noise_fid, command, time.perf_counter() - start)
+    result["curve"] = {name: [s["curve"][name] for s in per_seed] for name in per_seed[0]["curve"]}
+    stem = "iso_flop_quick" if args.quick else "iso_flop"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / f"{stem}.json", json.loads(json.dumps(result, default=float)))
+    table = markdown(result)
+    atomic_write_bytes(args.out / f"{stem}.md", table.encode())
+    plot(result, args.out / f"{stem}.png")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
