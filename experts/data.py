@@ -109,7 +109,9 @@ def shard_bytes(shard: ShardData) -> bytes:
     tensors["val_mask"] = shard.val_mask.to(torch.uint8).contiguous()  # bool is not portable across readers
     if shard.labels is not None:
         tensors["labels"] = shard.labels.to(torch.int64).contiguous()
-    return save(tensors, metadata={"format": FORMAT, "meta": json.dumps(shard.meta, sort_keys=True)})
+    # One metadata key: safetensors writes several in hash-map order, and equal shards must be equal bytes.
+    header = json.dumps({"format": FORMAT, "meta": shard.meta}, sort_keys=True)
+    return save(tensors, metadata={"isles": header})
 
 
 def save_shard(shard: ShardData, path: str | Path) -> str:
@@ -135,8 +137,8 @@ def load_shard(path: str | Path, sha256: str | None = None) -> ShardData:
     try:
         tensors = load(raw)
         header_len = int.from_bytes(raw[:8], "little")
-        metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__", {})
-    except (SafetensorError, ValueError, OSError) as exc:
+        metadata = json.loads(json.loads(raw[8 : 8 + header_len]).get("__metadata__", {}).get("isles", "{}"))
+    except (SafetensorError, ValueError, OSError, AttributeError) as exc:
         raise IslesError(
             f"{path} is not a readable shard file ({exc})", hint="rebuild it with `isles partition`"
         ) from None
@@ -147,7 +149,7 @@ def load_shard(path: str | Path, sha256: str | None = None) -> ShardData:
         labels=tensors.get("labels"),
         clusters=tensors["clusters"],
         val_mask=tensors["val_mask"].bool(),
-        meta=json.loads(metadata.get("meta", "{}")),
+        meta=metadata.get("meta", {}),
     )
 
 

@@ -198,7 +198,7 @@ def load_model(folder: str | Path) -> torch.nn.Module:
         raise IslesError(f"{config_path}: unsupported model class {class_name!r}", hint="expected UNet2DModel or DiT")
     if not (folder / "diffusion_pytorch_model.safetensors").is_file():
         raise IslesError(f"no weights in {folder} (diffusion_pytorch_model.safetensors is missing)")
-    return _prepare(classes[class_name].from_pretrained(folder, use_safetensors=True))
+    return _prepare(classes[class_name].from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from isles.experts.objectives import (
     TIMESTEP_SCALE,
     cosine_alpha_bar,
