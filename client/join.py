@@ -83,7 +83,15 @@ def open_swarm(options: SwarmOptions):
         identity_dir=options.identity,
         startup_timeout=options.startup_timeout,
     )
-    node = open_dht(config)
+    # The DHT forks a process that starts the p2p daemon: with SIGINT ignored meanwhile, both inherit that, so a
+    # Ctrl-C on the terminal (sent to the whole process group) reaches only us and we can still withdraw our lease.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        node = open_dht(config)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
     return node, Swarm(node)
 
 
@@ -206,7 +214,10 @@ class Volunteer:
                 self.display.event(f"every unit of run {m.run_id} is released: nothing left to train")
                 return
             self._state = "IDLE"
-            lease = self.leases.acquire(open_units)
+            # Units someone already pushed a checkpoint for come first: their work is not lost twice.
+            started = [u for u in open_units if self.swarm.latest_checkpoint(m.run_id, u) is not None]
+            lease = self.leases.acquire(started) if started else None
+            lease = lease or self.leases.acquire([u for u in open_units if u not in started])
             if lease is None:
                 if not waiting_logged:
                     self.display.event(

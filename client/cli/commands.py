@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from . import demo, eval, join, partition, sample, swarm, train
+from . import aggregate, demo, eval, join, partition, sample, swarm, train
 
 REGISTRY = [
     swarm.register,
     partition.register,
     sample.register,
     join.register,
+    aggregate.register,
     demo.register,
     train.register,
     eval.register,

@@ -1,0 +1,479 @@
+"""The aggregator behind `isles aggregate`: verify every release of a run, keep one per unit, publish the ensemble.
+
+A release is accepted when its files match their sha256, its config matches the manifest's recipe, its weights are
+finite, and its loss on the shard's held-out split is below `max_val_loss_fraction` (default 0.6) of an untrained
+model's (the router: 0.8 of an untrained router's cross-entropy); a reported val loss that disagrees with ours by more
+than the manifest's `eval.val_loss_threshold` (a fraction) is refused too. Everything is deterministic (fixed noise,
+CPU), so a restarted aggregator rebuilds the same state from the DHT and the store and publishes the same revision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from isles.protocol.errors import IslesError
+
+from .join import SwarmOptions
+
+log = logging.getLogger("isles.aggregate")
+
+DEFAULT_EXPERT_FRACTION = 0.6  # measured on digits: honest unet-tiny after 150 steps ~0.3, trained on noise ~0.85
+DEFAULT_ROUTER_FRACTION = 0.8
+REQUIRED = {
+    "expert": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "router": ("config.json", "model.safetensors"),
+}
+SAMPLES_FILE = "samples.png"
+PROVENANCE_FILE = "releases.json"
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    swarm: SwarmOptions
+    run_id: str | None = None
+    store: str | None = None  # where releases are pulled from (default: the manifest's store)
+    to: str | None = None  # ensemble repo (default: <run_id>-ensemble)
+    to_store: str | None = None  # where the ensemble is published (default: the same store)
+    token: str | None = None
+    work_dir: Path = Path("isles-aggregate")
+    once: bool = False  # one pass, then exit
+    until_complete: bool = False  # exit once every unit is in a published ensemble
+    poll_period: float = 10.0
+    run_timeout: float = 60.0
+    sample_steps: int = 30
+    summary: Path | None = None  # write the summary JSON here after every publish
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str = ""
+    val_loss: float | None = None
+    threshold: float | None = None
+    folder: Path | None = None
+
+
+@dataclass
+class Accepted:
+    release: object  # protocol.records.Release
+    verdict: Verdict
+
+
+@dataclass
+class Published:
+    repo: str
+    revision: str
+    folder: Path
+    units: list[str] = field(default_factory=list)
+
+
+def unit_kind(unit: str) -> str:
+    return "router" if unit == "router" else "expert"
+
+
+def release_key(release) -> tuple:
+    return (release.unit, release.token.attempt, release.token.owner, release.revision)
+
+
+class Aggregator:
+    """Verifies releases and assembles ensembles; `poll()` does one pass (safe to call repeatedly)."""
+
+    def __init__(self, config: AggregateConfig, swarm, manifest, store, out_store, peer_id: str):
+        self.config, self.swarm, self.manifest, self.store, self.out_store = config, swarm, manifest, store, out_store
+        self.peer_id = peer_id
+        self.work = Path(config.work_dir) / manifest.run_id
+        self.repo = config.to or f"{manifest.run_id}-ensemble"
+        self.accepted: dict[str, Accepted] = {}
+        self.judged: dict[tuple, str] = {}  # release key -> "accepted" / "duplicate" / rejection reason
+        self.published: Published | None = None
+        self._shards: dict[int, object] = {}
+        self._untrained: dict[str, float] = {}
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """Judge every new release; publish a new ensemble revision if the verified set grew. True if it did."""
+        grew = False
+        for unit in self.manifest.units:
+            for release in self.swarm.get_releases(self.manifest.run_id, unit):  # oldest first
+                key = release_key(release)
+                if key in self.judged:
+                    continue
+                if unit in self.accepted:
+                    self.judged[key] = "duplicate"
+                    log.info("%s: ignoring a duplicate release from %s", unit, release.token.owner)
+                    continue
+                verdict = self.verify(unit, release)
+                if verdict.ok:
+                    self.accepted[unit] = Accepted(release, verdict)
+                    self.judged[key] = "accepted"
+                    grew = True
+                    log.info(
+                        "%s: accepted %s@%s (val loss %.4f < %.4f)",
+                        unit,
+                        release.repo,
+                        release.revision[:12],
+                        verdict.val_loss,
+                        verdict.threshold,
+                    )
+                else:
+                    self.judged[key] = verdict.reason
+                    self._reject(release, verdict.reason)
+        if grew and "router" in self.accepted:
+            self.publish()
+            return True
+        return False
+
+    @property
+    def complete(self) -> bool:
+        return self.published is not None and set(self.published.units) == set(self.manifest.units)
+
+    def _reject(self, release, reason: str) -> None:
+        from isles.protocol.records import Rejection
+        from isles.protocol.swarm import dht_time
+
+        log.warning(
+            "%s: REJECTED release %s@%s from %s: %s",
+            release.unit,
+            release.repo,
+            release.revision[:12],
+            release.token.owner,
+            reason,
+        )
+        rejection = Rejection(
+            run_id=self.manifest.run_id,
+            unit=release.unit,
+            token=release.token,
+            revision=release.revision,
+            reason=reason,
+            rejected_time=dht_time(),
+            peer_id=self.peer_id,
+        )
+        try:
+            self.swarm.put_rejection(rejection)
+        except Exception as exc:  # the rejection is informational; the release stays rejected here anyway
+            log.warning("could not record the rejection: %s", exc)
+
+    # -- verification --------------------------------------------------------------------------------------------
+
+    def verify(self, unit: str, release) -> Verdict:
+        from isles.protocol.artifacts import IntegrityError
+
+        m, kind = self.manifest, unit_kind(unit)
+        if release.run_id != m.run_id or release.unit != unit or release.token.unit != unit:
+            return Verdict(False, f"fencing token names unit {release.token.unit!r} of run {release.run_id}")
+        missing = [p for p in REQUIRED[kind] if p not in release.files]
+        if missing:
+            return Verdict(False, f"release lacks {', '.join(missing)}")
+        folder = self.work / "releases" / unit / release.revision
+        expected = {p: h for p, h in release.files.items() if p.endswith((".json", ".safetensors"))}
+        try:
+            self.store.pull(release.repo, release.revision, folder, expected)
+        except IntegrityError as exc:
+            return Verdict(False, f"files do not match their hashes: {exc.message}")
+        except IslesError as exc:
+            return Verdict(False, f"cannot pull the release: {exc.message}")
+        try:
+            problem = self._check_config(unit, folder) or _non_finite(folder, REQUIRED[kind][1])
+            if problem:
+                return Verdict(False, problem, folder=folder)
+            val_loss, untrained = self._val_losses(unit, folder)
+        except IslesError as exc:
+            return Verdict(False, f"cannot load the model: {exc.message}", folder=folder)
+        except Exception as exc:  # a malformed model must not take the aggregator down
+            return Verdict(False, f"cannot load the model: {type(exc).__name__}: {exc}", folder=folder)
+        fraction = self._fraction(kind)
+        threshold = fraction * untrained
+        if not math.isfinite(val_loss) or val_loss >= threshold:
+            return Verdict(
+                False,
+                f"validation loss {val_loss:.4f} is not below {threshold:.4f} "
+                f"({fraction:g} x untrained {untrained:.4f})",
+                val_loss,
+                threshold,
+                folder,
+            )
+        tolerance = float(m.eval.val_loss_threshold)
+        if release.val_loss is not None and abs(release.val_loss - val_loss) > tolerance * max(val_loss, 1e-8):
+            return Verdict(
+                False,
+                f"reported validation loss {release.val_loss:.4f} differs from the measured {val_loss:.4f} "
+                f"by more than {tolerance:.0%}",
+                val_loss,
+                threshold,
+                folder,
+            )
+        return Verdict(True, "", val_loss, threshold, folder)
+
+    def _fraction(self, kind: str) -> float:
+        ev = self.manifest.eval
+        if kind == "router":
+            return float(getattr(ev, "max_router_loss_fraction", DEFAULT_ROUTER_FRACTION))
+        return float(getattr(ev, "max_val_loss_fraction", DEFAULT_EXPERT_FRACTION))
+
+    def _check_config(self, unit: str, folder: Path) -> str | None:
+        m = self.manifest
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            return f"config.json is unreadable: {exc}"
+        if unit == "router":
+            from dataclasses import asdict
+
+            from isles.router.model import router_config
+
+            r = m.router
+            c, res = m.experts[0].channels, m.experts[0].resolution
+            num_classes = m.experts[0].num_classes if getattr(r, "class_conditional", True) else None
+            expected = asdict(router_config(r.preset, len(m.shards), c, res, num_classes))
+        else:
+            from isles.experts.presets import model_config
+
+            r = m.experts[_index(unit)]
+            expected = model_config(r.preset, r.channels, r.resolution, r.num_classes)
+        for key, value in expected.items():
+            if key.startswith("_"):
+                continue
+            want = json.loads(json.dumps(value))
+            if key in config and config[key] != want:
+                return f"config differs from the manifest's recipe: {key} is {config[key]!r}, expected {want!r}"
+            if key not in config and unit == "router":
+                return f"config differs from the manifest's recipe: {key} is missing"
+        return None
+
+    def _shard(self, index: int):
+        from isles.experts.data import load_shard
+
+        if index not in self._shards:
+            ref = self.manifest.shards[index]
+            dest = self.work / "shards" / f"{ref.sha256[:16]}-{Path(ref.path).name}"
+            if not dest.is_file():
+                self.store.pull_file(ref.repo, ref.revision, ref.path, dest, ref.sha256, kind="dataset")
+            self._shards[index] = load_shard(dest, sha256=ref.sha256)
+        return self._shards[index]
+
+    def _task(self, unit: str):
+        m = self.manifest
+        if unit == "router":
+            from .join import make_router_task
+
+            return make_router_task(m, {i: self._shard(i) for i in range(len(m.shards))})
+        from isles.experts.expert import ExpertTask
+
+        i = _index(unit)
+        r = m.experts[i]
+        return ExpertTask(
+            self._shard(i), preset=r.preset, objective=r.objective, conditional=r.num_classes is not None
+        )
+
+    def _val_losses(self, unit: str, folder: Path) -> tuple[float, float]:
+        """(val loss of the release, val loss of an untrained model from the recipe's seed), both on CPU."""
+        import torch
+
+        task = self._task(unit)
+        device = torch.device("cpu")
+        model = self._load(unit, folder)
+        val = float(task.validate(model, device)["val_loss"])
+        if unit not in self._untrained:
+            seed = self.manifest.router.seed if unit == "router" else self.manifest.experts[_index(unit)].seed
+            torch.manual_seed(seed)
+            self._untrained[unit] = float(task.validate(task.build_model().eval(), device)["val_loss"])
+        return val, self._untrained[unit]
+
+    @staticmethod
+    def _load(unit: str, folder: Path):
+        if unit == "router":
+            from isles.router.model import RouterModel
+
+            return RouterModel.from_pretrained(folder).eval()
+        from isles.experts.presets import load_model
+
+        return load_model(folder).eval()
+
+    # -- assembly ------------------------------------------------------------------------------------------------
+
+    def publish(self) -> Published:
+        """Assemble the accepted units into the published layout and publish it as a revision of the ensemble repo."""
+        import torch
+        from isles.experts.expert import save_grid
+        from isles.protocol.artifacts import folder_files
+        from isles.protocol.records import Ensemble
+        from isles.protocol.swarm import dht_time
+        from isles.router.ensemble import EnsemblePipeline, Expert
+
+        m = self.manifest
+        experts = {}
+        for unit, acc in sorted(self.accepted.items()):
+            if unit == "router":
+                continue
+            i = _index(unit)
+            meta = {"unit": unit, "release": _provenance(acc), "preset": m.experts[i].preset}
+            experts[i] = Expert(i, self._load(unit, acc.verdict.folder), m.experts[i].objective, meta)
+        router = self._load("router", self.accepted["router"].verdict.folder)
+        kind = "latents" if any(s.is_latent for s in self._shards.values()) else "pixels"
+        pipe = EnsemblePipeline(experts, router, {"run_id": m.run_id, "name": m.name, "data_kind": kind})
+        staging = self.work / "assembling"
+        shutil.rmtree(staging, ignore_errors=True)
+        pipe.save_pretrained(staging)
+        # A fixed sample grid: one row per class (or 4 rows unconditional), same seed every time.
+        torch.manual_seed(0)
+        classes = pipe.num_classes
+        n = min(classes, 10) * 6 if classes else 24
+        labels = torch.arange(min(classes, 10)).repeat_interleave(6) if classes else None
+        result = pipe(n=n, class_labels=labels, routing="top1", steps=self.config.sample_steps, seed=0)
+        images = result.images
+        if kind == "pixels":
+            save_grid(images, staging / SAMPLES_FILE, nrow=6)
+        units = sorted(self.accepted, key=m.units.index)
+        provenance = {u: _provenance(self.accepted[u]) for u in units}
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        (staging / "README.md").write_text(model_card(m, provenance, self.repo, kind == "pixels"))
+        revision = self.out_store.publish(self.repo, staging, kind="model", message=f"ensemble of {len(units)} units")
+        files = folder_files(staging)
+        final = self.work / "ensemble"
+        shutil.rmtree(final, ignore_errors=True)
+        staging.replace(final)
+        tokens = [self.accepted[u].release.token for u in units if u != "router"]
+        ensemble = Ensemble(
+            run_id=m.run_id,
+            repo=self.repo,
+            revision=revision,
+            files=files,
+            experts=tokens,
+            router=self.accepted["router"].release.token,
+            complete=set(units) == set(m.units),
+            published_time=dht_time(),
+            peer_id=self.peer_id,
+        )
+        if not self.swarm.put_ensemble(ensemble):
+            log.warning("no peer accepted the ensemble record (the ensemble is published in the store anyway)")
+        self.published = Published(self.repo, revision, final, units)
+        log.info("published ensemble %s@%s with %s", self.repo, revision[:12], ", ".join(units))
+        if self.config.summary is not None:
+            from isles.protocol.files import atomic_write_json
+
+            atomic_write_json(self.config.summary, self.summary())
+        return self.published
+
+    def summary(self) -> dict:
+        m = self.manifest
+        units = []
+        for unit in m.units:
+            acc = self.accepted.get(unit)
+            if acc is None:
+                units.append({"unit": unit, "state": "missing"})
+                continue
+            units.append({"unit": unit, "state": "accepted", **_provenance(acc)})
+        rejections = [
+            {"unit": k[0], "owner": k[2], "revision": k[3], "reason": r}
+            for k, r in self.judged.items()
+            if r not in ("accepted", "duplicate")
+        ]
+        p = self.published
+        return {
+            "run_id": m.run_id,
+            "units": units,
+            "rejections": rejections,
+            "complete": self.complete,
+            "store_uri": self.out_store.uri,
+            "repo": p.repo if p else None,
+            "revision": p.revision if p else None,
+            "ensemble": str(p.folder) if p else None,
+            "samples": str(p.folder / SAMPLES_FILE) if p and (p.folder / SAMPLES_FILE).exists() else None,
+        }
+
+
+def _index(unit: str) -> int:
+    return int(unit.rsplit("-", 1)[1])
+
+
+def _provenance(acc: Accepted) -> dict:
+    r = acc.release
+    return {
+        "unit": r.unit,
+        "trained_by": getattr(r, "volunteer", None) or r.token.owner,
+        "peer_id": r.token.owner,
+        "attempt": r.token.attempt,
+        "repo": r.repo,
+        "revision": r.revision,
+        "steps": r.steps,
+        "resumed_from_step": getattr(r, "resumed_from_step", None),
+        "wall_s": r.wall_period,
+        "hardware": r.hardware,
+        "flops": r.flops,
+        "val_loss": acc.verdict.val_loss,
+        "threshold": acc.verdict.threshold,
+        "reported_val_loss": r.val_loss,
+    }
+
+
+def _non_finite(folder: Path, weights: str) -> str | None:
+    import torch
+    from safetensors.torch import load_file
+
+    for name, tensor in load_file(str(folder / weights)).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"non-finite weights (NaN or inf) in {name}"
+    return None
+
+
+def model_card(manifest, provenance: dict, repo: str, has_samples: bool) -> str:
+    """README.md of the ensemble: Hub metadata, what it is, who trained which unit, how to sample it."""
+    lines = [
+        "---",
+        "library_name: isles",
+        "tags: [diffusion, decentralized-diffusion, ensemble, isles]",
+        "---",
+        f"# {manifest.name}: an isles ensemble (run {manifest.run_id})",
+        "",
+        f"{manifest.description or manifest.dataset}. {len(manifest.shards)} experts, each trained in isolation "
+        "on one data cluster by a volunteer, plus a router that picks experts at every denoising step.",
+        "",
+        "| unit | trained by | steps | resumed from | wall s | val loss (limit) | revision |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for unit in manifest.units:
+        p = provenance.get(unit)
+        if p is None:
+            lines.append(f"| {unit} | (not yet) | | | | | |")
+            continue
+        lines.append(
+            f"| {unit} | {p['trained_by']} | {p['steps']} | {p['resumed_from_step'] or '-'} | {p['wall_s']:.0f} | "
+            f"{p['val_loss']:.4f} ({p['threshold']:.4f}) | {p['revision'][:12]} |"
+        )
+    lines += ["", "Sample it:", "", "```", f"isles sample {repo} --store <store> --out grid.png --routing top1", "```"]
+    if has_samples:
+        lines += ["", f"![samples]({SAMPLES_FILE})"]
+    return "\n".join(lines) + "\n"
+
+
+def run_aggregator(config: AggregateConfig, stop: threading.Event | None = None) -> dict:
+    """Join the swarm, then poll until stopped (or once / until complete); returns the summary."""
+    from isles.protocol.artifacts import open_store
+
+    from .join import find_manifest, open_swarm
+
+    stop = stop or threading.Event()
+    node, swarm = open_swarm(config.swarm)
+    try:
+        manifest = find_manifest(swarm, config.run_id, config.run_timeout, stop)
+        store = open_store(config.store or manifest.store, token=config.token)
+        out_store = open_store(config.to_store, token=config.token) if config.to_store else store
+        agg = Aggregator(config, swarm, manifest, store, out_store, node.peer_id)
+        log.info(
+            "aggregating run %s (%d units) into %s %s", manifest.run_id, len(manifest.units), out_store.uri, agg.repo
+        )
+        while not stop.is_set():
+            agg.poll()
+            if config.once or (config.until_complete and agg.complete):
+                break
+            stop.wait(config.poll_period)
+        return agg.summary()
+    finally:
+        node.shutdown()
