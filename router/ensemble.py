@@ -182,6 +182,37 @@ class EnsemblePipeline:
         return manifest
 
     @classmethod
+    def assemble(
+        cls,
+        expert_folders: dict[int, str | os.PathLike],
+        router_folder: str | os.PathLike,
+        config: dict[str, Any] | None = None,
+    ) -> EnsemblePipeline:
+        """An ensemble from exported units: {index: expert folder (diffusers + expert.json)} and a router folder.
+
+        Indices absent from `expert_folders` are missing experts (a partial ensemble)."""
+        from isles.experts.presets import load_model
+
+        router = RouterModel.from_pretrained(router_folder)
+        experts, config = {}, dict(config or {})
+        router_info = Path(router_folder) / "router.json"
+        if router_info.is_file():  # accuracy per noise level, kept in ensemble.json for the model card
+            config.setdefault("router_metrics", json.loads(router_info.read_text()).get("metrics", {}))
+        for index, folder in sorted(expert_folders.items()):
+            info_path = Path(folder) / EXPERT_FILE
+            if not info_path.is_file():
+                raise IslesError(
+                    f"expert {index}: {info_path} is missing", hint="pass the folder the trainer exported"
+                )
+            meta = json.loads(info_path.read_text())
+            experts[index] = Expert(index, load_model(folder).eval(), str(meta.get("objective", "fm")), meta)
+            if meta.get("class_names") and "class_names" not in config:
+                config["class_names"] = meta["class_names"]
+            if (meta.get("data") or {}).get("latent"):
+                config.setdefault("data_kind", "latents")
+        return cls(experts, router, config)
+
+    @classmethod
     def from_pretrained(
         cls,
         source: str | os.PathLike,
@@ -265,7 +296,8 @@ def _load_folder(folder: Path, skip_broken: bool) -> EnsemblePipeline:
             continue
         meta = json.loads((folder / path / EXPERT_FILE).read_text()) if (folder / path / EXPERT_FILE).is_file() else {}
         experts[index] = Expert(index, load_model(folder / path).eval(), str(entry["objective"]), meta)
-    config = {k: manifest[k] for k in ("run_id", "name", "data_kind", "class_names") if k in manifest}
+    keep = ("run_id", "name", "data_kind", "class_names", "router_metrics")
+    config = {k: manifest[k] for k in keep if k in manifest}
     pipe = EnsemblePipeline(experts, router, config)
     if pipe.missing:
         log.warning("partial ensemble: experts %s missing; routing renormalised over the others", pipe.missing)

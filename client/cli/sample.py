@@ -85,6 +85,7 @@ def sample(
     from isles.router.sampling import parse_routing
 
     routing_mode = parse_routing(routing)  # a bad mode fails before any download
+    _quiet_diffusers()
     source, the_store = _resolve(model, store)
     with output.stderr.status(f"loading {model}"):
         pipe = EnsemblePipeline.from_pretrained(
@@ -123,6 +124,16 @@ def sample(
     if show_routing:
         for i, count in enumerate(written["steps_per_expert"]):
             output.stdout.print(f"expert_{i}: {count} sample-steps")
+
+
+def _quiet_diffusers() -> None:
+    # diffusers warns on every load that `accelerate` is absent; that is expected here and not the user's concern.
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def _resolve(model: str, store: str | None):
