@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 class BootstrapSettings:
     announce_period: float = MANIFEST_PERIOD / 6  # re-announce manifests well before they expire
     log_period: float = 60.0  # how often to log the number of peers and runs
+    adopt_runs: bool = True  # keep alive every valid run found in the swarm too, so bootstrap nodes back each other up
 
 
 def join_maddr(maddrs: list[str]) -> str:
@@ -42,7 +43,7 @@ class BootstrapNode:
     """A DHT peer that announces manifests every `announce_period` until `stop` is set."""
 
     def __init__(self, config: DHTConfig, manifests: list[RunManifest], settings: BootstrapSettings):
-        self.config, self.manifests, self.settings = config, manifests, settings
+        self.config, self.manifests, self.settings = config, list(manifests), settings
         self.node: DHTNode | None = None
         self.swarm: Swarm | None = None
         self.stop = threading.Event()
@@ -61,7 +62,17 @@ class BootstrapNode:
     def join_line(self) -> str:
         return f"To join: isles join --peers {join_maddr(self.maddrs)}"
 
+    def adopt(self) -> None:
+        """Take over announcing runs other nodes published (a manifest is checked against its run id on read)."""
+        known = {m.run_id for m in self.manifests}
+        for entry in self.swarm.list_runs():
+            if entry.run_id not in known and (manifest := self.swarm.get_manifest(entry.run_id)) is not None:
+                logger.info("adopting run %s (%s): announcing it from this node too", manifest.run_id, manifest.name)
+                self.manifests.append(manifest)
+
     def announce(self) -> None:
+        if self.settings.adopt_runs:
+            self.adopt()
         for manifest in self.manifests:
             if not self.swarm.publish_manifest(manifest, expiration_period=MANIFEST_PERIOD):
                 logger.warning("run %s: no peer accepted the manifest yet; will retry", manifest.run_id)

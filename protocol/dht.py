@@ -200,6 +200,7 @@ def open_dht(config: DHTConfig) -> DHTNode:
     from hivemind.dht.schema import SchemaValidator
     from hivemind.p2p import P2PDaemonError
 
+    _quiet_hivemind_logs()
     identity = load_identity(config.identity_dir) if config.identity_dir is not None else ephemeral_identity()
     validators = [
         SchemaValidator(_IndexSchema, allow_extra_keys=True, prefix=keys.PREFIX),
@@ -228,6 +229,15 @@ def open_dht(config: DHTConfig) -> DHTNode:
     except ValueError as exc:  # e.g. port 0 in announce_maddrs
         raise IslesError(f"cannot start the DHT: {exc}", hint="check --host-maddrs and --announce-maddrs") from None
     return DHTNode(dht, identity, config)
+
+
+def _quiet_hivemind_logs() -> None:
+    """Send hivemind's logs through our handlers (it installs its own at import) and keep its INFO chatter out."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    logging.getLogger("hivemind").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def unreachable_error(peers: tuple[str, ...]) -> IslesError:

@@ -87,7 +87,8 @@ class Lease:
         now = dht_time()
         with self._lock:
             self._claim = self._claim.copy(update=dict(heartbeat_time=now))
-            claim, expiration = self._claim, now + self.manager.settings.ttl_period
+            claim = self._claim
+            expiration = max(now + self.manager.settings.ttl_period, self._expiration_time + 0.001)
         if not self.manager.swarm.put_claim(claim, expiration):
             logger.warning("renewing the claim on %s was not accepted by any peer; retrying", self.unit)
             return False
@@ -177,7 +178,9 @@ class LeaseManager:
             heartbeat_time=now,
             hardware=self.hardware,
         )
-        expiration = now + self.settings.ttl_period
+        # A store wins only with a later expiration: outlive our own earlier record (e.g. a fresh withdrawal).
+        previous = [e.expiration_time for e in entries if e.subkey == mine]
+        expiration = max([now + self.settings.ttl_period, *(t + 0.001 for t in previous)])
         if not self.swarm.put_claim(claim, expiration):
             return None
         if self._closed.wait(self.settings.settle_period):

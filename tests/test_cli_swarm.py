@@ -89,6 +89,32 @@ def test_bootstrap_join_line_status_and_clean_exit(bootstrap):
     assert "Stopped (SIGTERM)" in read_log(proc)
 
 
+def test_second_bootstrap_node_backs_up_the_first(bootstrap, spawn, tmp_path):
+    first, maddr, manifest = bootstrap
+    # The same identity twice (a cloned container) is refused with a way out.
+    clone = isles(
+        "bootstrap", "--peers", maddr, "--identity", str(tmp_path / "bootstrap-id"), "--host-maddrs", LOOPBACK[0]
+    )
+    assert_one_line_error(clone, r"already used by another running peer")
+
+    second = spawn(
+        [*ISLES, "bootstrap", "--peers", maddr, "--host-maddrs", LOOPBACK[0], "--identity", str(tmp_path / "second")],
+        name="second",
+    )
+    found = wait_for(
+        lambda: JOIN_LINE.search(read_log(second)) or second.poll() is not None,
+        timeout=90,
+        message="the second join line",
+    )
+    assert second.poll() is None and f"adopting run {manifest.run_id}" in read_log(second), read_log(second)
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    assert first.wait(timeout=30) == 0, read_log(first)
+
+    listed = isles("status", "--peers", found.group(1), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [r["run_id"] for r in json.loads(listed.stdout)["runs"]] == [manifest.run_id]
+
+
 def test_unparseable_multiaddr_is_one_error_line():
     assert_one_line_error(isles("status", "--peers", "localhost:31337"), r"cannot parse the multiaddr")
     assert_one_line_error(isles("status", "--peers", "/ip4/127.0.0.1/tcp/31337"), r"no /p2p/")

@@ -40,6 +40,9 @@ def bootstrap(
     log_period: Annotated[
         float, typer.Option("--log-period", min=1.0, help="Seconds between log lines with peer and run counts.")
     ] = 60.0,
+    adopt_runs: Annotated[
+        bool, typer.Option("--adopt-runs/--own-runs-only", help="Also keep alive runs other nodes announced.")
+    ] = True,
     startup_timeout: options.StartupTimeout = 30.0,
 ) -> None:
     """Run a long-lived DHT node that volunteers join through, and keep run manifests alive.
@@ -63,7 +66,7 @@ def bootstrap(
         startup_timeout=startup_timeout,
         default_host_maddrs=(f"/ip4/0.0.0.0/tcp/{port}",),
     )
-    node = BootstrapNode(config, manifests, BootstrapSettings(announce_period=announce_period, log_period=log_period))
+    node = BootstrapNode(config, manifests, BootstrapSettings(announce_period, log_period, adopt_runs))
     received: list[str] = []
 
     def on_signal(signum, _frame) -> None:
