@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,10 @@ def open_dht(config: DHTConfig) -> DHTNode:
     )
     if config.announce_maddrs:
         kwargs["announce_maddrs"] = list(config.announce_maddrs)
+    # The DHT process and its p2p daemon are forked now and would get a terminal's Ctrl-C (sent to the whole process
+    # group) and die before we could withdraw our leases: they inherit SIGINT ignored; we handle it and shut them down.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
     try:
         dht = hivemind.DHT(start=True, **kwargs)
     except P2PDaemonError as exc:
@@ -228,6 +233,9 @@ def open_dht(config: DHTConfig) -> DHTNode:
         raise
     except ValueError as exc:  # e.g. port 0 in announce_maddrs
         raise IslesError(f"cannot start the DHT: {exc}", hint="check --host-maddrs and --announce-maddrs") from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     return DHTNode(dht, identity, config)
 
 

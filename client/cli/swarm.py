@@ -159,6 +159,13 @@ def _print_run(view) -> None:
             "-" if u.heartbeat_age_s is None else f"{u.heartbeat_age_s:.0f}s ago",
         )
     output.stdout.print(table)
+    states = {p["peer_id"]: p for p in view.presence}
+    if view.peers_online:
+        described = []
+        for peer in view.peers_online:
+            p = states.get(peer)
+            described.append(_short(peer) + (f" ({p['state']}{' ' + p['unit'] if p['unit'] else ''})" if p else ""))
+        output.stdout.print("Peers online: " + ", ".join(described))
     if view.ensemble:
         e = view.ensemble
         output.stdout.print(f"Ensemble: {e['repo']}@{e['revision'][:12]} ({len(e['experts'])} experts)")
