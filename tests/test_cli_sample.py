@@ -169,3 +169,20 @@ def test_round_trip_through_the_hub_test_server(ensemble_dir, tmp_path, hub_serv
         EnsemblePipeline.from_pretrained(
             "digits-ensemble", store=store, revision=revision, cache_dir=tmp_path / "cache2", device="cpu"
         )
+
+
+def test_latent_ensemble_writes_latents_and_a_preview(tmp_path):
+    from isles.experts.presets import build_model
+    from isles.router.ensemble import Expert
+    from isles.router.model import RouterConfig, RouterModel
+
+    torch.manual_seed(0)
+    experts = {i: Expert(i, build_model("unet-tiny", channels=4, resolution=8), "fm") for i in range(2)}
+    router = RouterModel(RouterConfig(num_experts=2, in_channels=4, resolution=8, width=8))
+    EnsemblePipeline(experts, router, {"data_kind": "latents"}).save_pretrained(tmp_path / "ens")
+    proc = isles("sample", tmp_path / "ens", "--n", 2, "--steps", 2, "--out", tmp_path / "lat.png", "--json")
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.torch import load_file
+
+    assert load_file(json.loads(proc.stdout)["latents"])["latents"].shape == (2, 4, 8, 8)
+    assert (tmp_path / "lat.png").is_file()

@@ -105,8 +105,20 @@ def sample(
     )
     scale = scale or max(1, 64 // pipe.resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(to_pixels(result.images), scale=scale).save(out)
     written = {"grid": str(out), "n": n, "class": class_label, "routing": str(routing_mode), "seed": seed}
+    if pipe.config.get("data_kind") == "latents":
+        # Latent ensembles: the samples are saved as safetensors for a VAE to decode; the PNG is only a preview.
+        from isles.protocol.files import atomic_write_bytes
+        from safetensors.torch import save
+
+        latents_path = out.with_suffix(".safetensors")
+        atomic_write_bytes(latents_path, save({"latents": result.images.float().cpu().contiguous()}))
+        written["latents"] = str(latents_path)
+        x = result.images[:, :1].float()
+        preview = (x - x.amin()) / (x.amax() - x.amin() + 1e-8) * 2 - 1
+        image_grid(to_pixels(preview), scale=scale).save(out)
+    else:
+        image_grid(to_pixels(result.images), scale=scale).save(out)
     if show_routing:
         choices = result.choices
         strip_path = out.with_name(out.stem + "-routing.png")
