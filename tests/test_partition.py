@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ISLES
+from hub_server import hub_server  # noqa: F401 (fixture)
 from isles.experts.data import load_shard
 from isles.protocol.artifacts import open_store
 from isles.protocol.errors import IslesError
@@ -112,3 +113,24 @@ def test_cli_partition_bad_input_is_one_error_line(tmp_path, args, message):
     assert proc.returncode == 1
     assert proc.stderr.startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_partition_publishes_shards_to_the_hub(tmp_path, hub_server, monkeypatch):  # noqa: F811
+    from isles.protocol.store_hub import HubStore
+
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*ISLES, "partition", "digits", "--experts", "2", "--out", str(out), "--store", "hf://alice", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_manifest_json((out / "manifest.json").read_text())
+    assert manifest.store == "hf://alice"
+    store = HubStore("alice", endpoint=hub_server.url)
+    ref = manifest.shards[1]
+    dest = store.pull_file(ref.repo, ref.revision, ref.path, tmp_path / "shard", ref.sha256, kind="dataset")
+    assert len(load_shard(dest, sha256=ref.sha256)) == ref.items
