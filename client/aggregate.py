@@ -93,7 +93,7 @@ class Aggregator:
         self.judged: dict[tuple, str] = {}  # release key -> "accepted" / "duplicate" / rejection reason
         self.published: Published | None = None
         self._shards: dict[int, object] = {}
-        self._untrained: dict[str, float] = {}
+        self._tasks: dict[str, tuple] = {}
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -179,11 +179,14 @@ class Aggregator:
             return Verdict(False, f"files do not match their hashes: {exc.message}")
         except IslesError as exc:
             return Verdict(False, f"cannot pull the release: {exc.message}")
+        task, untrained = self._task_and_untrained(unit)  # our data: a failure here is ours, not the release's
         try:
             problem = self._check_config(unit, folder) or _non_finite(folder, REQUIRED[kind][1])
             if problem:
                 return Verdict(False, problem, folder=folder)
-            val_loss, untrained = self._val_losses(unit, folder)
+            import torch
+
+            val_loss = float(task.validate(self._load(unit, folder), torch.device("cpu"))["val_loss"])
         except IslesError as exc:
             return Verdict(False, f"cannot load the model: {exc.message}", folder=folder)
         except Exception as exc:  # a malformed model must not take the aggregator down
@@ -272,19 +275,17 @@ class Aggregator:
             self._shard(i), preset=r.preset, objective=r.objective, conditional=r.num_classes is not None
         )
 
-    def _val_losses(self, unit: str, folder: Path) -> tuple[float, float]:
-        """(val loss of the release, val loss of an untrained model from the recipe's seed), both on CPU."""
+    def _task_and_untrained(self, unit: str):
+        """The unit's task (its held-out data) and the val loss of an untrained model from the recipe's seed."""
         import torch
 
-        task = self._task(unit)
-        device = torch.device("cpu")
-        model = self._load(unit, folder)
-        val = float(task.validate(model, device)["val_loss"])
-        if unit not in self._untrained:
+        if unit not in self._tasks:
+            task = self._task(unit)
             seed = self.manifest.router.seed if unit == "router" else self.manifest.experts[_index(unit)].seed
             torch.manual_seed(seed)
-            self._untrained[unit] = float(task.validate(task.build_model().eval(), device)["val_loss"])
-        return val, self._untrained[unit]
+            untrained = float(task.validate(task.build_model().eval(), torch.device("cpu"))["val_loss"])
+            self._tasks[unit] = (task, untrained)
+        return self._tasks[unit]
 
     @staticmethod
     def _load(unit: str, folder: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,10 @@ class DemoRecipe:
     expert_steps: int
     router_steps: int
     global_batch: int
+    lr: float
+    warmup_steps: int
+    ema_decay: float
+    router_preset: str
     checkpoint_period: float  # seconds between checkpoint pushes
     lease_ttl: float
     heartbeat_period: float
@@ -41,8 +46,8 @@ class DemoRecipe:
     timeout: float  # the whole demo gives up after this many seconds
 
 
-QUICK = DemoRecipe(4, 2, "unet-tiny", 150, 150, 32, 10.0, 8.0, 2.0, 1.0, 20, 240.0)
-FULL = DemoRecipe(4, 2, "unet-tiny", 1200, 800, 64, 30.0, 20.0, 5.0, 2.0, 30, 900.0)
+QUICK = DemoRecipe(4, 2, "unet-tiny", 150, 150, 32, 1e-3, 10, 0.99, "cnn-tiny", 10.0, 8.0, 2.0, 1.0, 20, 300.0)
+FULL = DemoRecipe(4, 2, "unet-tiny", 1000, 600, 64, 5e-4, 50, 0.995, "cnn-small", 30.0, 20.0, 5.0, 2.0, 30, 1200.0)
 
 
 @dataclass(frozen=True)
@@ -114,22 +119,6 @@ def _child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
 
 
-def _run_step(name: str, args: list[str], log_dir: Path, echo, timeout: float) -> Child:
-    child = Child(name, args, log_dir, echo, _child_env())
-    try:
-        child.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        child.stop(grace=5)
-        raise IslesError(f"demo step `{name}` took longer than {timeout:.0f}s", hint=f"see {child.log_path}") from None
-    child.wait_output(10)
-    if child.proc.returncode != 0:
-        tail = "\n".join(child.lines[-5:])
-        raise IslesError(
-            f"demo step `{name}` failed (exit {child.proc.returncode}): {tail}", hint=f"see {child.log_path}"
-        )
-    return child
-
-
 def _wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,31 +143,26 @@ def run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
     try:
         log(f"demo: partitioning digits into {config.experts} shards (work folder {work})")
         # 1. Shards and the run manifest, published to a local store in the work folder.
-        _run_step(
-            "partition",
-            [
-                "partition",
-                "digits",
-                "--experts",
-                str(config.experts),
-                "--out",
-                str(work / "run"),
-                "--store",
-                str(store),
-                "--preset",
-                r.preset,
-                "--steps",
-                str(r.expert_steps),
-                "--router-steps",
-                str(r.router_steps),
-                "--global-batch",
-                str(r.global_batch),
-                "--seed",
-                str(config.seed),
-            ],
-            logs,
-            echo,
-            timeout=max(30.0, deadline - time.monotonic()),
+        from isles.router.partition import PartitionConfig, partition
+
+        partition(
+            PartitionConfig(
+                source="digits",
+                experts=config.experts,
+                out=work / "run",
+                store=str(store),
+                name="digits-demo",
+                seed=config.seed,
+                preset=r.preset,
+                steps=r.expert_steps,
+                global_batch=r.global_batch,
+                lr=r.lr,
+                warmup_steps=r.warmup_steps,
+                ema_decay=r.ema_decay,
+                router_preset=r.router_preset,
+                router_steps=r.router_steps,
+                router_batch=r.global_batch,
+            )
         )
         manifest_path = work / "run" / "manifest.json"
         run_id = json.loads(manifest_path.read_text())["run_id"]
@@ -297,6 +281,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
                 except subprocess.TimeoutExpired:
                     c.stop()
         summary = json.loads(summary_path.read_text())
+        if summary.get("samples"):
+            shutil.copyfile(summary["samples"], work / "samples.png")
+            summary["samples"] = str(work / "samples.png")
         summary["run_id"] = run_id
         summary["work_dir"] = str(work)
         summary["logs"] = str(logs)
