@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from isles.protocol.errors import IslesError
 from torch.nn import functional as F
+
+from isles.protocol.errors import IslesError
 
 ENCODERS_HELP = "pixels, pixels:D (PCA to D dims), dinov2, clip, or hf:<model id>"
 HF_ALIASES = {"dinov2": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch32"}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json, sha256_file, sha256_folder
 

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from isles.protocol.errors import IslesError
-from isles.protocol.files import atomic_write_bytes, atomic_write_json
 from torch import nn
 from torch.nn import functional as F
+
+from isles.protocol.errors import IslesError
+from isles.protocol.files import atomic_write_bytes, atomic_write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

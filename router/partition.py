@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json
 

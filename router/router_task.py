@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
+
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json
-from torch.nn import functional as F
 
 from .model import RouterModel, router_config
 

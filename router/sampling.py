@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from isles.protocol.errors import IslesError
 
 # velocity_fn(x_t [B,...], t [B], class_labels [B] | None) -> v [B,...]
@@ -64,9 +65,8 @@ def routing_weights(probs: torch.Tensor, routing: Routing) -> torch.Tensor:
     if routing.mode == "full":
         weights = probs.clone()
     elif routing.mode == "topk":
-        available = int((probs > 0).sum(dim=-1).min())
-        k = max(1, min(routing.k, available, probs.shape[-1]))
-        top = probs.topk(k, dim=-1)
+        # Missing experts have probability 0: if chosen they get weight 0, so top-k degrades to the present ones.
+        top = probs.topk(min(routing.k, probs.shape[-1]), dim=-1)
         weights = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
     elif routing.mode == "threshold":
         keep = probs >= routing.p

@@ -15,13 +15,14 @@ import pytest
 import torch
 from conftest import ISLES
 from hub_server import HubServer, hub_server  # noqa: F401 (fixture)
+from PIL import Image
+
 from isles.experts.data import load_shard
 from isles.experts.expert import ExpertTask
 from isles.experts.trainer import TrainRecipe, train
 from isles.router.ensemble import EnsemblePipeline
 from isles.router.partition import PartitionConfig, partition
 from isles.router.router_task import RouterTask
-from PIL import Image
 
 pytestmark = pytest.mark.slow
 

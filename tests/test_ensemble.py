@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from isles.protocol.errors import IslesError
 from isles.router.sampling import (
     Routing,

@@ -11,13 +11,14 @@ import pytest
 import torch
 from conftest import ISLES
 from hub_server import hub_server  # noqa: F401 (fixture)
+from sklearn.datasets import load_digits
+
 from isles.experts.data import load_shard
 from isles.protocol.artifacts import open_store
 from isles.protocol.errors import IslesError
 from isles.protocol.records import load_manifest_json
 from isles.router.encoders import make_encoder
 from isles.router.partition import PartitionConfig, kmeans, parse_objectives, partition
-from sklearn.datasets import load_digits
 
 
 def test_kmeans_finds_separated_blobs_and_orders_clusters_by_size():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from isles.experts.data import load_shard
 from isles.experts.trainer import TrainRecipe, train
 from isles.protocol.errors import IslesError

@@ -80,6 +80,7 @@ def sample(
 ) -> None:
     """Sample an ensemble: every step mixes the routed experts' velocities; writes a PNG grid."""
     import torch
+
     from isles.experts.data import to_pixels
     from isles.router.ensemble import EnsemblePipeline
     from isles.router.sampling import parse_routing
@@ -108,8 +109,9 @@ def sample(
     written = {"grid": str(out), "n": n, "class": class_label, "routing": str(routing_mode), "seed": seed}
     if pipe.config.get("data_kind") == "latents":
         # Latent ensembles: the samples are saved as safetensors for a VAE to decode; the PNG is only a preview.
-        from isles.protocol.files import atomic_write_bytes
         from safetensors.torch import save
+
+        from isles.protocol.files import atomic_write_bytes
 
         latents_path = out.with_suffix(".safetensors")
         atomic_write_bytes(latents_path, save({"latents": result.images.float().cpu().contiguous()}))
