@@ -11,7 +11,8 @@ import typer
 
 from . import output
 
-# One colour per expert for the routing strip (tab10).
+# One colour per expert for the routing strip (tab10), and its name for the legend.
+COLOUR_NAMES = ["blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "olive", "cyan"]
 PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
@@ -137,7 +138,8 @@ def sample(
     output.stdout.print(f"wrote {out}")
     if show_routing:
         for i, count in enumerate(written["steps_per_expert"]):
-            output.stdout.print(f"expert_{i}: {count} sample-steps")
+            colour = COLOUR_NAMES[i % len(COLOUR_NAMES)]
+            output.stdout.print(f"expert_{i} ({colour} in the strip): served {count} sample-steps")
 
 
 def _quiet_diffusers() -> None:
