@@ -239,15 +239,9 @@ class EnsemblePipeline:
                     hint="pass the folder written by `isles aggregate`, or a repo with --store",
                 )
         pipe = _load_folder(folder, skip_broken)
-        return pipe.to(device or default_device())
+        from isles.experts.device import pick_device
 
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        return pipe.to(device if isinstance(device, torch.device) else pick_device(device))
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,7 @@ class PartitionConfig:
     router_batch: int = 128
     router_lr: float = 1e-3
     description: str = ""
-    extra: dict = field(default_factory=dict)
+    device: str | None = None  # for DINOv2 / CLIP encoders; default: the best available
 
 
 @dataclass
@@ -143,7 +143,9 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
         raise IslesError(f"cannot make {k} clusters from {n} items", hint=f"use --experts {max(1, n // 10)} or fewer")
 
     # 1. Embed every item (in batches) and cluster.
-    encoder = make_encoder(config.encoder, seed=config.seed)
+    from isles.experts.device import pick_device
+
+    encoder = make_encoder(config.encoder, device=pick_device(config.device), seed=config.seed)
     done = 0
 
     def step(batch_items: int) -> None:
@@ -251,7 +253,6 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
         experts=experts,
         router=router,
         created_time=float(time.time()),
-        **config.extra,
     )
     manifest_path = out / "manifest.json"
     atomic_write_json(manifest_path, manifest.dict())
