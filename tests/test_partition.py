@@ -135,3 +135,52 @@ def test_cli_partition_publishes_shards_to_the_hub(tmp_path, hub_server, monkeyp
     ref = manifest.shards[1]
     dest = store.pull_file(ref.repo, ref.revision, ref.path, tmp_path / "shard", ref.sha256, kind="dataset")
     assert len(load_shard(dest, sha256=ref.sha256)) == ref.items
+
+
+def test_hf_encoder_plumbing_with_a_stand_in_transformers(monkeypatch):
+    """DINOv2 / CLIP go through transformers (optional); a stand-in module checks the plumbing without a download."""
+    import sys
+    import types
+
+    class Batch(dict):  # like transformers' BatchFeature: a dict with .to(device)
+        def to(self, device):
+            return self
+
+    class Processor:
+        @classmethod
+        def from_pretrained(cls, model_id):
+            return cls()
+
+        def __call__(self, images, return_tensors):
+            assert all(img.shape[-1] == 3 for img in images)  # grey items are given 3 channels
+            return Batch(pixel_values=torch.stack([torch.from_numpy(img).float() for img in images]))
+
+    class Dino(torch.nn.Module):
+        @classmethod
+        def from_pretrained(cls, model_id, use_safetensors):
+            assert use_safetensors
+            return cls()
+
+        def forward(self, pixel_values):
+            flat = pixel_values.reshape(pixel_values.shape[0], 1, -1)
+            return types.SimpleNamespace(last_hidden_state=torch.cat([flat[..., :5], flat[..., 5:10]], dim=1))
+
+    fake = types.ModuleType("transformers")
+    fake.AutoImageProcessor, fake.AutoModel = Processor, Dino
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    encoder = make_encoder("dinov2")
+    assert encoder.name == "facebook/dinov2-small"
+    features = encoder.encode(torch.randint(0, 255, (3, 1, 8, 8), dtype=torch.uint8))
+    assert features.shape == (3, 5)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(IslesError, match="latents"):
+        encoder.encode(torch.randn(2, 4, 8, 8))
+
+
+def test_hf_encoder_without_transformers_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(IslesError, match="transformers") as info:
+        make_encoder("clip")
+    assert "isles[real]" in info.value.hint
