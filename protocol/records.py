@@ -130,9 +130,9 @@ class RunManifest(Record):
     def create(cls, **fields: Any) -> RunManifest:
         """Build a manifest and fill in its run_id from the other fields."""
         fields.pop("run_id", None)
-        draft = cls.construct(**fields).dict() | {"run_id": ""}  # defaults filled in, validators not yet run
-        draft.pop("run_id")
-        return cls.parse_obj({**_plain(draft), "run_id": compute_run_id(_plain(draft))})
+        draft = _plain(cls.construct(**fields).dict())  # defaults filled in, validators not run yet
+        draft.pop("run_id", None)
+        return cls.parse_obj({**draft, "run_id": compute_run_id(draft)})
 
 
 def compute_run_id(fields_without_run_id: dict) -> str:
