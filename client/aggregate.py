@@ -315,7 +315,10 @@ class Aggregator:
                 continue
             i = _index(unit)
             meta = {"unit": unit, "release": _provenance(acc), "preset": m.experts[i].preset}
-            experts[i] = Expert(i, self._load(unit, acc.verdict.folder), m.experts[i].objective, meta)
+            model = self._load(unit, acc.verdict.folder)
+            # diffusers saves the folder it loaded from; name the release instead, so restarts publish the same bytes.
+            model.register_to_config(_name_or_path=f"{acc.release.repo}@{acc.release.revision}")
+            experts[i] = Expert(i, model, m.experts[i].objective, meta)
         router = self._load("router", self.accepted["router"].verdict.folder)
         kind = "latents" if any(s.is_latent for s in self._shards.values()) else "pixels"
         pipe = EnsemblePipeline(experts, router, {"run_id": m.run_id, "name": m.name, "data_kind": kind})

@@ -1,0 +1,213 @@
+"""The aggregator: poisoned releases (bad hashes, NaN weights, trained on noise) are rejected with the reason, an
+honest release of the same unit is accepted, and a restarted aggregator (a new `isles aggregate` process) publishes
+the same ensemble revision. Real DHT peers on 127.0.0.1, a local store, tiny models trained for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import ISLES
+
+pytestmark = pytest.mark.timeout(300)
+
+TRAIN = dict(steps=60, global_batch=32, lr=2e-3, warmup_steps=5, ema_decay=0.99)
+
+
+@pytest.fixture(scope="module")
+def swarm_run(tmp_path_factory):
+    """A digits run with 2 experts, its manifest on an in-process bootstrap peer, and a volunteer peer."""
+    from isles.protocol.dht import DHTConfig, open_dht
+    from isles.protocol.swarm import Swarm
+    from isles.router.partition import PartitionConfig, partition
+
+    work = tmp_path_factory.mktemp("agg")
+    result = partition(
+        PartitionConfig(
+            source="digits",
+            experts=2,
+            out=work / "run",
+            store=str(work / "store"),
+            name="agg-test",
+            steps=TRAIN["steps"],
+            global_batch=32,
+            router_preset="cnn-tiny",
+            router_steps=60,
+        )
+    )
+    boot = open_dht(DHTConfig(host_maddrs=("/ip4/127.0.0.1/tcp/0",)))
+    Swarm(boot).publish_manifest(result.manifest)
+    peer = boot.visible_maddrs()[0]
+    volunteer = open_dht(DHTConfig(initial_peers=(peer,), client_mode=True))
+    yield {"work": work, "manifest": result.manifest, "peer": peer, "volunteer": Swarm(volunteer)}
+    volunteer.shutdown()
+    boot.shutdown()
+
+
+def _train(task, folder, seed: int) -> dict:
+    from isles.experts.trainer import TrainRecipe, train
+
+    recipe = TrainRecipe(seed=seed, checkpoint_every_steps=None, checkpoint_every_seconds=None, **TRAIN)
+    result = train(task, recipe, folder, device="cpu")
+    assert result.completed
+    return result.metrics
+
+
+def _expert_task(manifest, store_root, noise: bool = False):
+    from isles.experts.data import load_shard
+    from isles.experts.expert import ExpertTask
+    from isles.protocol.artifacts import open_store
+
+    ref = manifest.shards[0]
+    dest = store_root / "pulled" / ref.path
+    open_store(manifest.store).pull_file(ref.repo, ref.revision, ref.path, dest, ref.sha256, kind="dataset")
+    shard = load_shard(dest)
+    if noise:  # a volunteer that trained on noise instead of its shard
+        shard.items = torch.randint(
+            0, 256, shard.items.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+        )
+    return ExpertTask(shard, preset=manifest.experts[0].preset, objective="fm")
+
+
+def _release(swarm, manifest, unit: str, folder, *, attempt: int, val_loss=None, files=None, tag: str = ""):
+    """Publish `folder` and write a release record for it, as a volunteer would."""
+    from isles.protocol.artifacts import folder_files, open_store
+    from isles.protocol.records import FencingToken, Release
+    from isles.protocol.swarm import dht_time
+
+    repo = f"{manifest.run_id}-{unit}{tag}"
+    revision = open_store(manifest.store).publish(repo, folder)
+    token = FencingToken(unit=unit, attempt=attempt, owner=swarm.peer_id, claimed_time=dht_time())
+    release = Release(
+        run_id=manifest.run_id,
+        unit=unit,
+        token=token,
+        repo=repo,
+        revision=revision,
+        files=files or folder_files(folder),
+        steps=TRAIN["steps"],
+        val_loss=val_loss,
+        released_time=dht_time(),
+        volunteer=f"tester{tag}",
+    )
+    assert swarm.put_release(release)
+    return release
+
+
+def _aggregator(run, work_dir):
+    from isles.client.aggregate import AggregateConfig, Aggregator
+    from isles.client.join import SwarmOptions, open_swarm
+    from isles.protocol.artifacts import open_store
+
+    m = run["manifest"]
+    config = AggregateConfig(
+        swarm=SwarmOptions(peers=(run["peer"],)), run_id=m.run_id, work_dir=work_dir, sample_steps=5
+    )
+    node, swarm = open_swarm(config.swarm)
+    store = open_store(m.store)
+    return node, Aggregator(config, swarm, m, store, store, node.peer_id)
+
+
+def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensemble(swarm_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from isles.client.join import make_router_task
+
+    run, m = swarm_run, swarm_run["manifest"]
+    vol = run["volunteer"]
+    honest = _train(_expert_task(m, tmp_path), tmp_path / "honest", seed=m.experts[0].seed)
+    honest_dir = tmp_path / "honest" / "model"
+
+    # 1. Files that do not match their hashes: the record names other bytes than the store holds.
+    tampered = {path: ("0" * 64 if path.endswith(".safetensors") else h) for path, h in _files(honest_dir).items()}
+    bad_hash = _release(vol, m, "expert-0", honest_dir, attempt=1, files=tampered, tag="-tampered")
+    # 2. NaN weights, correctly hashed.
+    nan_dir = tmp_path / "nan"
+    shutil.copytree(honest_dir, nan_dir)
+    weights = load_file(str(nan_dir / "diffusion_pytorch_model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, str(nan_dir / "diffusion_pytorch_model.safetensors"))
+    nan = _release(vol, m, "expert-0", nan_dir, attempt=2, tag="-nan")
+    # 3. Trained on noise: a well-formed model that did not learn its shard.
+    _train(_expert_task(m, tmp_path, noise=True), tmp_path / "noise", seed=0)
+    on_noise = _release(vol, m, "expert-0", tmp_path / "noise" / "model", attempt=3, tag="-noise")
+    # 4. The honest release, last; and an honest router so an ensemble can be assembled.
+    good = _release(vol, m, "expert-0", honest_dir, attempt=4, val_loss=honest["val_loss"])
+    shard_tasks = {}
+    from isles.experts.data import load_shard
+    from isles.protocol.artifacts import open_store
+
+    for i, ref in enumerate(m.shards):
+        dest = tmp_path / "shards" / ref.path
+        open_store(m.store).pull_file(ref.repo, ref.revision, ref.path, dest, ref.sha256, kind="dataset")
+        shard_tasks[i] = load_shard(dest)
+    router = _train(make_router_task(m, shard_tasks), tmp_path / "router", seed=m.router.seed)
+    _release(vol, m, "router", tmp_path / "router" / "model", attempt=1, val_loss=router["val_loss"])
+
+    node, agg = _aggregator(run, tmp_path / "agg1")
+    try:
+        assert agg.poll()
+        reasons = {key[1]: reason for key, reason in agg.judged.items() if key[0] == "expert-0"}  # by attempt
+        assert "do not match their hashes" in reasons[bad_hash.token.attempt]
+        assert "non-finite weights" in reasons[nan.token.attempt]
+        assert "validation loss" in reasons[on_noise.token.attempt] and "not below" in reasons[on_noise.token.attempt]
+        assert agg.accepted["expert-0"].release.revision == good.revision
+        assert agg.accepted["router"].release.unit == "router"
+        # The rejections are in the DHT with their reasons, for `isles status` and the volunteers.
+        stored = {r.token.attempt: r.reason for r in agg.swarm.get_rejections(m.run_id)}
+        assert "non-finite weights" in stored[nan.token.attempt]
+        first = agg.published
+        assert first is not None and sorted(first.units) == ["expert-0", "router"]
+        assert (first.folder / "samples.png").is_file() and (first.folder / "README.md").is_file()
+        ensemble = agg.swarm.latest_ensemble(m.run_id)
+        assert ensemble is not None and ensemble.revision == first.revision and not ensemble.complete
+    finally:
+        node.shutdown()
+
+    # A restarted aggregator (a new process, empty work folder) rebuilds the same state and the same revision.
+    proc = subprocess.run(
+        ISLES
+        + [
+            "aggregate",
+            "--peers",
+            run["peer"],
+            "--run",
+            m.run_id,
+            "--once",
+            "--json",
+            "--sample-steps",
+            "5",
+            "--work-dir",
+            str(tmp_path / "agg2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["revision"] == first.revision
+    assert len(summary["rejections"]) == 3
+    assert {u["unit"]: u["state"] for u in summary["units"]} == {
+        "expert-0": "accepted",
+        "expert-1": "missing",
+        "router": "accepted",
+    }
+
+    # The published partial ensemble loads and samples (expert-1 missing, router renormalised).
+    from isles.router.ensemble import EnsemblePipeline
+
+    pipe = EnsemblePipeline.from_pretrained(summary["ensemble"], device="cpu")
+    images = pipe(n=4, class_labels=3, steps=4, seed=0).images
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def _files(folder):
+    from isles.protocol.artifacts import folder_files
+
+    return folder_files(folder)
