@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_bytes, sha256_file
 

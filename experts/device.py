@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 
 import torch
+
 from isles.protocol.errors import IslesError
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_bytes, atomic_write_json
 
@@ -61,6 +62,7 @@ class ExpertTask:
             "num_classes": self.num_classes,
             "label_dropout": self.label_dropout,
             "train_items": len(self._train),
+            "shard_sha256": self.shard_info.get("sha256"),
         }
 
     def build_model(self) -> torch.nn.Module:

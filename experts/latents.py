@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from isles.protocol.errors import IslesError
 
 from .data import ShardData, to_model_space

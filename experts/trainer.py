@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
 from isles.protocol.errors import IslesError
 
 from . import checkpoints
@@ -246,11 +247,14 @@ def train(
     loss_sum = torch.zeros((), device=device)
     target = recipe.steps if stop_at_step is None else min(stop_at_step, recipe.steps)
     stopped = False
+    phase = "idle"  # "batch": data drawn, weights untouched; "update": weights changing (not checkpointable)
     try:
         while step < target:
             if should_stop is not None and should_stop():
                 stopped = True
                 break
+            generator_before = generator.get_state()
+            phase = "batch"
             indices = order.take(cursor, recipe.global_batch)
             batch = task.make_batch(indices, generator)
             while True:
@@ -268,6 +272,7 @@ def train(
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     log.warning("out of memory: micro-batch reduced to %d", micro)
+            phase = "update"
             if recipe.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
@@ -277,6 +282,7 @@ def train(
                 torch._foreach_lerp_(ema_params, model_params, 1.0 - _ema_decay(recipe.ema_decay, step))
             step += 1
             cursor += recipe.global_batch
+            phase = "idle"
             loss_sum += step_loss
 
             if step % progress_every_steps == 0 or step == target:
@@ -296,7 +302,11 @@ def train(
                 save()
                 last_ckpt_time = time.monotonic()
     except KeyboardInterrupt:
-        if step > 0:
+        # Checkpoint only a consistent state: between steps, or mid-forward with the batch's draws undone.
+        if phase == "batch":
+            generator.set_state(generator_before)
+            phase = "idle"
+        if phase == "idle" and step > 0 and (last_ckpt is None or last_ckpt.name != checkpoints.checkpoint_name(step)):
             save()
             log.info("interrupted: checkpoint at step %d written; run again to resume", step)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from isles.experts.data import ShardData, load_data, load_shard, load_source, save_shard, to_model_space
 from isles.protocol.errors import IslesError
 from isles.protocol.files import sha256_file
@@ -113,6 +114,7 @@ def test_empty_folder_and_hf_without_datasets(tmp_path):
 
 def test_vae_latents_with_a_tiny_random_autoencoder(tmp_path):
     from diffusers import AutoencoderKL
+
     from isles.experts.latents import decode_latents, encode_shard, load_vae
 
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from isles.experts.objectives import (
     TIMESTEP_SCALE,
     cosine_alpha_bar,

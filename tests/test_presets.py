@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+
 from isles.experts.objectives import training_loss
 from isles.experts.presets import (
     PRESETS,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from isles.experts import checkpoints
 from isles.experts.data import load_source
 from isles.experts.expert import ExpertTask, read_expert_info

@@ -38,6 +38,7 @@ def train_expert(
 ) -> None:
     """Train one expert on a shard (or a monolithic baseline on a whole data set) to completion."""
     import torch
+
     from isles.experts.data import load_data
     from isles.experts.expert import ExpertTask, sample_expert, save_grid
     from isles.experts.trainer import TrainRecipe, train
