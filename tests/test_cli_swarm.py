@@ -12,9 +12,10 @@ import subprocess
 
 import pytest
 from conftest import ISLES, read_log, wait_for
+from test_records import LOOPBACK, make_manifest
+
 from isles.protocol.dht import DHTConfig, open_dht
 from isles.protocol.swarm import Swarm
-from test_records import LOOPBACK, make_manifest
 
 JOIN_LINE = re.compile(r"To join: isles join --peers (\S+)")
 

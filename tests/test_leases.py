@@ -8,12 +8,13 @@ import threading
 
 import pytest
 from conftest import wait_for
+from test_records import LOOPBACK, make_manifest, start_peers
+
 from isles.protocol.dht import DHTConfig, open_dht
 from isles.protocol.leases import LeaseManager, LeaseSettings, rendezvous_rank
 from isles.protocol.records import CheckpointPointer
 from isles.protocol.swarm import Swarm, dht_time
 from isles.protocol.swarm_view import read_run
-from test_records import LOOPBACK, make_manifest, start_peers
 
 FAST = LeaseSettings(ttl_period=4.0, heartbeat_period=1.0, settle_period=1.0)
 

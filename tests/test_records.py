@@ -9,6 +9,7 @@ import stat
 
 import pydantic.v1 as pydantic
 import pytest
+
 from isles.protocol import keys
 from isles.protocol.dht import DHTConfig, open_dht
 from isles.protocol.errors import IslesError

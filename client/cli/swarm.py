@@ -134,8 +134,9 @@ def _short(peer_id: str | None) -> str:
 
 
 def _print_run(view) -> None:
-    from isles.protocol.swarm_view import format_eta
     from rich.table import Table
+
+    from isles.protocol.swarm_view import format_eta
 
     counts = view.counts
     output.stdout.print(
