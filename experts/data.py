@@ -2,6 +2,7 @@
 
 A shard is one safetensors file (tensors + JSON metadata in its header), written atomically and named by sha256.
 `load_source("digits" | <image folder> | "hf:<name>")` reads a whole data set into one ShardData (cluster 0).
+Images only: items are [N, C, H, W]; video clips ([N, C, F, H, W], Paris 2.0) are not supported yet.
 """
 
 from __future__ import annotations

@@ -272,6 +272,13 @@ def train(
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     log.warning("out of memory: micro-batch reduced to %d", micro)
+                except RuntimeError as exc:
+                    if "can't allocate memory" not in str(exc):  # the CPU allocator's out-of-memory
+                        raise
+                    raise IslesError(
+                        f"out of memory on {device} with a micro-batch of {micro}",
+                        hint="pass a smaller --micro-batch or pick a smaller preset",
+                    ) from None
             phase = "update"
             if recipe.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
