@@ -1,0 +1,55 @@
+"""End to end: `isles demo --quick` runs a bootstrap node, 2 volunteer processes and the aggregator on 127.0.0.1; the
+published ensemble holds every expert and the router, and samples. Also: bad demo arguments fail with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import ISLES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(420)
+def test_demo_quick_trains_every_unit_and_publishes_a_sampling_ensemble(tmp_path):
+    work = tmp_path / "demo"
+    proc = subprocess.run(
+        ISLES + ["demo", "--quick", "--experts", "3", "--work-dir", str(work), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    units = {u["unit"]: u for u in summary["units"]}
+    assert sorted(units) == ["expert-0", "expert-1", "expert-2", "router"]
+    assert all(u["state"] == "accepted" for u in units.values())
+    assert summary["complete"] and summary["rejections"] == []
+    # Both volunteers took part (each claims its own units; a lone one would take all of them only if the other died).
+    assert {u["trained_by"] for u in units.values()} <= {"volunteer-0", "volunteer-1"}
+    assert all(u["val_loss"] < u["threshold"] for u in units.values())
+    assert (work / "samples.png").is_file()
+
+    from isles.router.ensemble import EnsemblePipeline
+
+    pipe = EnsemblePipeline.from_pretrained(summary["ensemble"], device="cpu")
+    assert sorted(pipe.experts) == [0, 1, 2] and pipe.missing == []
+    images = pipe(n=6, class_labels=7, steps=5, seed=0).images
+    assert images.shape == (6, 1, 8, 8) and torch.isfinite(images).all()
+    # The store holds the same ensemble as a revision of the published repo.
+    from isles.protocol.artifacts import open_store
+
+    assert open_store(summary["store_uri"]).list_revisions(summary["repo"])[-1] == summary["revision"]
+
+
+def test_demo_refuses_a_non_empty_work_dir(tmp_path):
+    (tmp_path / "something").write_text("x")
+    proc = subprocess.run(
+        ISLES + ["demo", "--quick", "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: --work-dir") and "Hint:" in proc.stderr and "Traceback" not in proc.stderr
