@@ -31,6 +31,7 @@ def train_expert(
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="Items per forward pass (default: auto)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps (default: the best present)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA), bf16 or fp32."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Checkpoint every N steps."),
     checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes", help="... and at least every M minutes."),
     grid: str | None = typer.Option(None, "--grid", help="After training, save a PNG grid of samples here."),
@@ -43,6 +44,8 @@ def train_expert(
     from isles.experts.expert import ExpertTask, sample_expert, save_grid
     from isles.experts.trainer import TrainRecipe, train
 
+    if threads:
+        torch.set_num_threads(threads)  # several trainers on one machine: one thread each avoids thrashing
     recipe = TrainRecipe(
         steps=steps,
         global_batch=batch,
