@@ -195,3 +195,10 @@ def test_the_trainer_is_generic_over_tasks(tmp_path):
     result = train(ParityTask(), recipe, tmp_path)
     assert result.completed and result.metrics["val_accuracy"] > 0.9
     assert (tmp_path / "model" / "metrics.json").is_file()
+
+
+def test_checkpoints_by_wall_clock(small_shard, tmp_path):
+    seen = []
+    recipe = TrainRecipe(steps=3, global_batch=4, checkpoint_every_steps=None, checkpoint_every_seconds=0.0)
+    train(_task(small_shard), recipe, tmp_path, on_checkpoint=lambda p, s: seen.append(s), export=False)
+    assert seen == [1, 2, 3]
