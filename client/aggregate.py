@@ -240,6 +240,10 @@ class Aggregator:
 
             r = m.experts[_index(unit)]
             expected = model_config(r.preset, r.channels, r.resolution, r.num_classes)
+            info_path = folder / "expert.json"
+            objective = json.loads(info_path.read_text()).get("objective") if info_path.is_file() else r.objective
+            if objective != r.objective:
+                return f"trained with objective {objective!r}, the manifest's recipe says {r.objective!r}"
         for key, value in expected.items():
             if key.startswith("_"):
                 continue
@@ -302,6 +306,7 @@ class Aggregator:
     def publish(self) -> Published:
         """Assemble the accepted units into the published layout and publish it as a revision of the ensemble repo."""
         import torch
+
         from isles.experts.expert import save_grid
         from isles.protocol.artifacts import folder_files
         from isles.protocol.records import Ensemble

@@ -376,7 +376,7 @@ class Volunteer:
         staging.mkdir(parents=True)
         try:
             shutil.copy2(path, staging / path.name)
-            repo = f"{m.run_id}-{lease.unit}-checkpoints"
+            repo = qualified(self.store, f"{m.run_id}-{lease.unit}-checkpoints")
             revision = self.store.publish(repo, staging, kind="model", message=f"{lease.unit} step {step}")
             pointer = CheckpointPointer(
                 run_id=m.run_id,
@@ -402,7 +402,7 @@ class Volunteer:
         from isles.protocol.swarm import dht_time
 
         m, unit, metrics = self.manifest, lease.unit, result.metrics
-        repo = f"{m.run_id}-{unit}"
+        repo = qualified(self.store, f"{m.run_id}-{unit}")
         revision = self.store.publish(repo, result.export_dir, kind="model", message=f"{unit} trained by {self.name}")
         objective = m.experts[int(unit.rsplit("-", 1)[1])].objective if unit != "router" else "router"
         release = Release(
@@ -456,6 +456,12 @@ class Volunteer:
                 pass
             if self.stop.wait(self.config.heartbeat_period):
                 return
+
+
+def qualified(store, repo: str) -> str:
+    """`namespace/repo` on the Hub, so readers using another namespace (the run's store) still find it."""
+    namespace = getattr(store, "namespace", "")
+    return f"{namespace}/{repo}" if namespace and "/" not in repo else repo
 
 
 def _float(value) -> float | None:

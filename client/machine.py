@@ -104,6 +104,7 @@ def _device_memory(device: str) -> tuple[str, int]:
 def param_count(preset: str, channels: int, resolution: int, num_classes: int | None) -> int:
     """Parameters of a preset at a data shape, counted on the meta device (no memory, no time)."""
     import torch
+
     from isles.experts.presets import build_model
 
     with torch.device("meta"):

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import typer
+
 from isles.protocol.errors import IslesError
 
 from . import output
