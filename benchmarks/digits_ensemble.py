@@ -1,8 +1,8 @@
 """End-to-end check on digits: partition into 4 clusters, train tiny experts and a class-aware router, sample every
 class with each routing mode and score the samples with a digits classifier.
 
-Run: `python benchmarks/digits_ensemble.py --out benchmarks/results/digits-ensemble` (~10-20 min on 1 CPU core;
-`--quick` for a 2-minute smoke run). Writes results.json, results.md, grid-<routing>.png and the ensemble folder.
+Run: `python benchmarks/digits_ensemble.py --out benchmarks/results/digits-ensemble` (5-12 min on one CPU core;
+`--quick` for a 1-minute smoke run). Writes results.json, results.md, grid-<routing>.png and the ensemble folder.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits-ensemble"))
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--preset", default="unet-tiny")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--router-steps", type=int, default=400)
+    parser.add_argument("--router-steps", type=int, default=300)
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.0)
