@@ -55,10 +55,10 @@ def _table(p: Progress, events: list[str]) -> Table:
     table.add_column()
     done = p.step / p.steps if p.steps else 0.0
     bar_width = 30
-    bar = "#" * int(done * bar_width) + "-" * (bar_width - int(done * bar_width))
+    bar = "\u2588" * int(done * bar_width) + "\u2591" * (bar_width - int(done * bar_width))
     table.add_row("unit", f"{p.unit} ({p.state})")
     resumed = f"  (resumed from {p.resumed_from})" if p.resumed_from else ""
-    table.add_row("step", f"{p.step} / {p.steps}  [{bar}] {done:5.1%}{resumed}")
+    table.add_row("step", f"{p.step} / {p.steps}  {bar} {done:5.1%}{resumed}")
     table.add_row("loss", "-" if p.loss is None else f"{p.loss:.4f}")
     table.add_row("samples/s", "-" if p.samples_per_s is None else f"{p.samples_per_s:.1f}")
     table.add_row("ETA", format_duration(p.eta_s))

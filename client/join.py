@@ -169,10 +169,11 @@ class Volunteer:
         from isles.protocol.artifacts import open_store
         from isles.protocol.leases import LeaseManager, LeaseSettings
 
-        from .machine import check_machine, param_count, require_fit
+        from .machine import check_machine, param_count, require_fit, resolve_device
 
         c = self.config
         self.display = TrainingDisplay(self.console, plain=c.plain)
+        resolve_device(c.device)  # a bad --device fails before we touch the network
         node, self.swarm = open_swarm(c.swarm)
         try:
             self.peer_id = node.peer_id

@@ -130,3 +130,59 @@ def test_sigterm_hands_the_unit_back_at_once(bootstrap, spawn, tmp_path):
     assert last is not None and last.step >= pointer.step
     assert f"stopped {unit} at step {last.step}" in log  # the checkpoint of the very step it stopped at was pushed
     assert swarm.get_releases(manifest.run_id, unit) == []
+
+
+def test_plain_progress_lines_when_not_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from isles.client.display import TrainingDisplay
+
+    buffer = io.StringIO()
+    with TrainingDisplay(Console(file=buffer, width=200), log_period=0.0) as display:
+        assert display.plain
+        display.event("claimed expert-1 (attempt 1)")
+        display.update(unit="expert-1", step=120, steps=500, loss=0.1423, samples_per_s=35.2, eta_s=71, peers=3)
+    lines = buffer.getvalue().splitlines()
+    assert lines == [
+        "claimed expert-1 (attempt 1)",
+        "expert-1 step 120/500 loss 0.1423 35.2 samples/s eta 1:11 peers 3",
+    ]
+
+
+def test_machine_check_says_what_fits(tmp_path):
+    from isles.client.machine import check_machine, param_count, require_fit
+    from isles.protocol.errors import IslesError
+
+    tiny = param_count("unet-tiny", 1, 8, 10)
+    report = check_machine("cpu", tmp_path / "not-yet", {"unet-tiny 8x8x1": tiny})
+    assert report.device == "cpu" and report.fits == {"unet-tiny 8x8x1": True} and report.disk_free_gb > 0
+    require_fit(report)
+    huge = check_machine("cpu", tmp_path, {"giant": 10**13})
+    assert huge.fits == {"giant": False}
+    with pytest.raises(IslesError, match="cannot train this run's models"):
+        require_fit(huge)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--peers", "not-a-multiaddr"], "cannot parse the multiaddr"),
+        ([], "no peers given"),
+        (
+            ["--peers", "/ip4/127.0.0.1/tcp/1/p2p/QmPP3jvpykNGuiUj6LVqcFxtivqR5Z9HZK18DoU6R3EFM1", "--device", "tpu"],
+            "unknown device",
+        ),
+    ],
+)
+def test_join_bad_arguments_give_one_error_line(args, message, tmp_path):
+    import subprocess
+
+    proc = subprocess.run(
+        ISLES + ["join", "--work-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    first = proc.stderr.strip().splitlines()
+    assert any(line.startswith("Error: ") and message in line for line in first), proc.stderr
+    assert "Traceback" not in proc.stderr
