@@ -19,7 +19,7 @@ from pathlib import Path
 
 from isles.protocol.errors import IslesError
 
-from .join import SwarmOptions
+from .join import SwarmOptions, pull_shard, shard_stores
 
 log = logging.getLogger("isles.aggregate")
 
@@ -94,6 +94,7 @@ class Aggregator:
         self.published: Published | None = None
         self._shards: dict[int, object] = {}
         self._tasks: dict[str, tuple] = {}
+        self.shard_stores = shard_stores(manifest.store, store, config.token)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -125,7 +126,7 @@ class Aggregator:
                 else:
                     self.judged[key] = verdict.reason
                     self._reject(release, verdict.reason)
-        if grew and "router" in self.accepted:
+        if grew and "router" in self.accepted and len(self.accepted) > 1:  # a router alone makes no ensemble
             self.publish()
             return True
         return False
@@ -261,7 +262,7 @@ class Aggregator:
             ref = self.manifest.shards[index]
             dest = self.work / "shards" / f"{ref.sha256[:16]}-{Path(ref.path).name}"
             if not dest.is_file():
-                self.store.pull_file(ref.repo, ref.revision, ref.path, dest, ref.sha256, kind="dataset")
+                pull_shard(self.shard_stores, ref, dest)
             self._shards[index] = load_shard(dest, sha256=ref.sha256)
         return self._shards[index]
 

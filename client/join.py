@@ -187,7 +187,9 @@ class Volunteer:
             for line in self.machine.summary_lines():
                 self.display.event(line)
             require_fit(self.machine)
+            # Shards come from the run's store (or --store, when it mirrors them); our work goes to --store.
             self.store = open_store(c.store or m.store, token=c.token)
+            self.shard_stores = shard_stores(m.store, self.store, c.token)
             self.work = Path(c.work_dir) / m.run_id
             settings = LeaseSettings(c.lease_ttl, c.heartbeat_period, c.settle_period)
             self.leases = LeaseManager(self.swarm, m.run_id, settings, hardware=self.machine.hardware)
@@ -316,7 +318,7 @@ class Volunteer:
             ref = m.shards[i]
             dest = shards_dir / f"{ref.sha256[:16]}-{Path(ref.path).name}"
             if not dest.is_file():
-                self.store.pull_file(ref.repo, ref.revision, ref.path, dest, ref.sha256, kind="dataset")
+                pull_shard(self.shard_stores, ref, dest)
             shards[i] = load_shard(dest, sha256=ref.sha256)
         if unit == "router":
             return make_router_task(m, shards), m.router
@@ -457,6 +459,38 @@ class Volunteer:
                 pass
             if self.stop.wait(self.config.heartbeat_period):
                 return
+
+
+def shard_stores(run_store_uri: str, own_store, token: str | None) -> list:
+    """Where shards may be pulled from, in order: the run's store, then ours (a mirror, e.g. a shared folder)."""
+    from isles.protocol.artifacts import open_store
+
+    stores = []
+    try:
+        stores.append(open_store(run_store_uri, token=token))
+    except IslesError as exc:
+        log.warning("cannot open the run's store %s (%s); using %s", run_store_uri, exc.message, own_store.uri)
+    if not stores or stores[0].uri != own_store.uri:
+        stores.append(own_store)
+    return stores
+
+
+def pull_shard(stores: list, ref, dest: Path) -> Path:
+    """Pull one shard, verified against the manifest's sha256, from the first store that has it."""
+    from isles.protocol.artifacts import IntegrityError
+
+    error: IslesError | None = None
+    for store in stores:
+        try:
+            return store.pull_file(ref.repo, ref.revision, ref.path, dest, ref.sha256, kind="dataset")
+        except IntegrityError:
+            raise
+        except IslesError as exc:
+            error = exc
+    raise IslesError(
+        f"cannot pull shard {ref.path} ({ref.repo}@{ref.revision[:12]}): {error.message if error else 'no store'}",
+        hint="pass --store with a store that holds the run's shards (the run owner's hf://<namespace> or folder)",
+    )
 
 
 def qualified(store, repo: str) -> str:

@@ -10,6 +10,7 @@ import signal
 
 import pytest
 from conftest import ISLES, read_log, wait_for
+from hub_server import hub_server  # noqa: F401  (the Hub test server fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -186,3 +187,85 @@ def test_join_bad_arguments_give_one_error_line(args, message, tmp_path):
     first = proc.stderr.strip().splitlines()
     assert any(line.startswith("Error: ") and message in line for line in first), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, spawn, tmp_path, hub_server):  # noqa: F811
+    """Shards come from the run's (local) store; the volunteer's checkpoints and release go to hf://alice on the Hub
+    test server, and an aggregator reading the Hub under another namespace still verifies and accepts the release."""
+    import json
+    import subprocess
+
+    peer, swarm = bootstrap
+    _accept_model_cards(hub_server)
+    manifest = _run(tmp_path, swarm, seed=13, steps=60)
+    env = {"HF_ENDPOINT": hub_server.url, "HF_TOKEN": "hf_alice_test", "HF_HUB_DISABLE_XET": "1"}
+    proc = spawn(
+        ISLES
+        + [
+            "join",
+            "--peers",
+            peer,
+            "--run",
+            manifest.run_id,
+            "--store",
+            "hf://alice",
+            "--work-dir",
+            str(tmp_path / "alice"),
+            "--device",
+            "cpu",
+            "--plain",
+            "--max-units",
+            "1",
+            "--settle-period",
+            "0.5",
+            "--checkpoint-period",
+            "2",
+            "--lease-ttl",
+            "8",
+            "--heartbeat-period",
+            "2",
+        ],
+        name="alice",
+        env=env,
+    )
+    assert proc.wait(240) == 0, read_log(proc)
+    released = [r for unit in manifest.units for r in swarm.get_releases(manifest.run_id, unit)]
+    assert len(released) == 1 and released[0].repo.startswith("alice/"), read_log(proc)
+    agg = subprocess.run(
+        ISLES
+        + [
+            "aggregate",
+            "--peers",
+            peer,
+            "--run",
+            manifest.run_id,
+            "--store",
+            "hf://runowner",
+            "--once",
+            "--json",
+            "--work-dir",
+            str(tmp_path / "agg"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **env},
+    )
+    assert agg.returncode == 0, agg.stderr[-2000:]
+    states = {u["unit"]: u for u in json.loads(agg.stdout)["units"]}
+    assert states[released[0].unit]["state"] == "accepted"
+    assert states[released[0].unit]["repo"] == released[0].repo
+
+
+def _accept_model_cards(server) -> None:
+    """huggingface_hub validates a README.md's YAML front matter (POST /api/validate-yaml) before a commit; the test
+    server does not know that endpoint (yet), so answer it here: every export carries a model card."""
+    handler = server._httpd.RequestHandlerClass
+    route = handler._route
+
+    def _route(self, method, path, query, body):
+        if method == "POST" and path == "/api/validate-yaml":
+            return self._json({"errors": [], "warnings": []})
+        return route(self, method, path, query, body)
+
+    handler._route = _route
