@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from isles.experts import procedural
 from isles.experts.checkpoints import read_checkpoint
 from isles.experts.data import split_mask
@@ -221,7 +222,9 @@ def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device
             "router_flops": router_flops, "budget": budget, "cluster_sizes": torch.bincount(km).tolist()}  # fmt: skip
 
 
-def summarise(config: BenchConfig, per_seed: list[dict], reference, noise_fid: float, command: str, wall: float):
+def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str, wall: float) -> dict:
+    """Mean and spread over seeds per configuration; `ref` holds n, fid_floor, noise_fid and real_accuracy."""
+
     def stat(values):
         arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
         if len(arr) == 0:
@@ -231,15 +234,14 @@ def summarise(config: BenchConfig, per_seed: list[dict], reference, noise_fid: f
     out: dict = {
         "command": command,
         "scale": f"{config.items} procedural items at {config.resolution}x{config.resolution}, {config.preset}, "
-        f"K={config.experts}, monolith {config.mono_steps} steps x batch {config.batch}, {len(config.seeds)} seeds, "
-        f"FID at n={reference.n} with {config.sample_steps} sampling steps",
+        f"K={config.experts}, monolith {config.mono_steps} steps x batch {config.batch}, {len(per_seed)} seeds, "
+        f"FID at n={ref['n']} with {config.sample_steps} sampling steps",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
-        "fid_floor": round(reference.floor, 4),
-        "noise_fid": round(noise_fid, 4),
-        "real_accuracy": reference.real_accuracy,
+        **{k: ref[k] for k in ("n", "fid_floor", "noise_fid", "real_accuracy")},
         "wall_time_s": round(wall, 1),
-        "per_seed": [{k: v for k, v in s.items() if k != "rows"} | {"fid": {c: s["rows"][c]["fid"] for c in CONFIGS}}
-                     for s in per_seed],
+        "seeds_completed": len(per_seed),
+        "per_seed": per_seed,
+        "curve": {name: [s["curve"][name] for s in per_seed] for name in per_seed[0]["curve"]},
     }  # fmt: skip
     for name in CONFIGS:
         rows = [s["rows"][name] for s in per_seed]
@@ -258,7 +260,7 @@ def summarise(config: BenchConfig, per_seed: list[dict], reference, noise_fid: f
 
 def markdown(result: dict) -> str:
     lines = [
-        f"Scale: {result['scale']}.",
+        f"Scale: {result['scale']} ({result['seeds_completed']} of them completed).",
         f"Real-vs-real FID floor {result['fid_floor']:.3f}; uniform noise {result['noise_fid']:.1f}.",
         "",
         "| configuration | routing | FID (mean ± sd) | class accuracy | expert calls / sample | training FLOPs |",
@@ -302,6 +304,46 @@ def plot(result: dict, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def write_results(result: dict, out: Path, stem: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"{stem}.json", json.loads(json.dumps(result, default=float)))
+    atomic_write_bytes(out / f"{stem}.md", markdown(result).encode())
+    plot(result, out / f"{stem}.png")
+    return result
+
+
+def merge(paths: list[Path], command: str) -> dict:
+    """One result from runs of the same configuration on different seeds (e.g. one process per seed)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = {k: v for k, v in runs[0]["config"].items() if k != "seeds"}
+    per_seed = []
+    for path, run in zip(paths, runs, strict=True):
+        if {k: v for k, v in run["config"].items() if k != "seeds"} != base or run["fid_floor"] != runs[0][
+            "fid_floor"
+        ]:
+            raise SystemExit(f"{path}: another configuration than {paths[0]}; only seeds may differ")
+        for i, seed_result in enumerate(run["per_seed"]):
+            if "rows" not in seed_result:  # older single-seed files: the rows are the summary entries
+                assert len(run["per_seed"]) == 1, f"{path}: per-seed rows missing"
+                seed_result = {**seed_result, "curve": {k: v[i] for k, v in run["curve"].items()}, "rows": {
+                    c: {"fid": run[c]["fid_per_seed"][0], "accuracy": run[c]["accuracy_mean"],
+                        "diversity": run[c]["diversity_mean"], "routing": run[c]["routing"],
+                        "expert_calls_per_sample": run[c]["expert_calls_per_sample"],
+                        "seconds_per_sample": run[c]["seconds_per_sample"], "train_flops": run[c]["train_flops"]}
+                    for c in CONFIGS}}  # fmt: skip
+            per_seed.append(seed_result)
+    seeds = tuple(s for run in runs for s in run["config"]["seeds"])
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    config = BenchConfig(
+        **{k: (tuple(v) if k == "seeds" else v) for k, v in base.items() if k in fields} | {"seeds": seeds}
+    )
+    ref = {"n": runs[0].get("n", config.n), "fid_floor": runs[0]["fid_floor"], "noise_fid": runs[0]["noise_fid"],
+           "real_accuracy": runs[0]["real_accuracy"]}  # fmt: skip
+    result = summarise(config, per_seed, ref, " ; ".join([r["command"] for r in runs] + [command]), 0.0)
+    result["wall_time_s"] = max(r["wall_time_s"] for r in runs)  # the runs went in parallel
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -321,7 +363,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature-network cache")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="combine result JSONs of runs of one configuration with other --seeds (run in parallel)",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        result = merge(args.merge, "python benchmarks/iso_flop.py " + " ".join(shlex.quote(a) for a in argv))
+        write_results(result, args.out, "iso_flop")
+        print(markdown(result))
+        return result
     config = QUICK if args.quick else defaults
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if getattr(args, f.name, None)
                  is not None}  # fmt: skip
@@ -347,21 +401,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
     noise_fid = metrics.fid(reference.net.embed_all(noise * 2 - 1)[0], reference.features)
     log.info("reference: n=%d, real-vs-real floor %.3f, noise %.1f", reference.n, reference.floor, noise_fid)
+    ref = {"n": reference.n, "fid_floor": round(reference.floor, 4), "noise_fid": round(noise_fid, 4),
+           "real_accuracy": reference.real_accuracy}  # fmt: skip
 
-    per_seed = []
+    stem = "iso_flop_quick" if args.quick else "iso_flop"
+    per_seed: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="iso-flop-") as tmp:
         work = args.work or Path(tmp)
         for seed in config.seeds:
             per_seed.append(run_seed(config, seed, data, reference, work, device, lambda line: log.info("%s", line)))
-    result = summarise(config, per_seed, reference, noise_fid, command, time.perf_counter() - start)
-    result["curve"] = {name: [s["curve"][name] for s in per_seed] for name in per_seed[0]["curve"]}
-    stem = "iso_flop_quick" if args.quick else "iso_flop"
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / f"{stem}.json", json.loads(json.dumps(result, default=float)))
-    table = markdown(result)
-    atomic_write_bytes(args.out / f"{stem}.md", table.encode())
-    plot(result, args.out / f"{stem}.png")
-    print(table)
+            # Written after every seed: a long run that is stopped still leaves the seeds it finished.
+            result = summarise(config, per_seed, ref, command, time.perf_counter() - start)
+            write_results(result, args.out, stem)
+    print(markdown(result))
     return result
 
 
