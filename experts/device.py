@@ -52,10 +52,21 @@ def describe_device(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(index)
         info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1))
     elif device.type == "cpu":
-        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        info.update(name=_cpu_name(), threads=torch.get_num_threads())
     else:
         info.update(name="Apple MPS")
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:
