@@ -29,10 +29,11 @@ def sha256_folder(folder: str | os.PathLike) -> dict[str, str]:
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Open a temporary file beside `path`; on success it is fsynced and renamed over `path`, on failure removed.
 
-    Readers see either the old file or the whole new one, never a partial write.
+    Readers see either the old file or the whole new one, never a partial write. `mode` is set before the rename
+    (mkstemp makes 0600 files; secrets pass mode=0o600 so they are never readable by others, not even briefly).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +43,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -51,8 +53,8 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_writer(path) as f:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    with atomic_writer(path, mode) as f:
         f.write(data)
 
 

@@ -107,8 +107,7 @@ def _new_p2p_key() -> bytes:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)  # the temporary file is created 0600 and renamed into place
-    os.chmod(path, 0o600)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def _check_private(path: Path) -> None:
