@@ -77,3 +77,8 @@ def join(
         output.stderr.print(f"{signals.received}: handed back cleanly.")
     if as_json:
         output.print_json([o.__dict__ for o in outcomes])
+        return
+    for o in outcomes:
+        resumed = f", resumed from step {o.resumed_from_step}" if o.resumed_from_step else ""
+        where = f" -> {o.revision[:12]}" if o.revision else ""
+        output.stdout.print(f"{o.unit}: {o.state} at step {o.step}{resumed}{where}", markup=False, highlight=False)
