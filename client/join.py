@@ -123,7 +123,18 @@ def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Eve
 
 
 def released_units(swarm, manifest) -> dict[str, list]:
-    return {unit: rels for unit in manifest.units if (rels := swarm.get_releases(manifest.run_id, unit))}
+    """Units with at least one release the aggregator has not rejected (a rejected unit is open again)."""
+    rejected = {(r.unit, r.token.attempt, r.token.owner, r.revision) for r in swarm.get_rejections(manifest.run_id)}
+    released = {}
+    for unit in manifest.units:
+        good = [
+            r
+            for r in swarm.get_releases(manifest.run_id, unit)
+            if (unit, r.token.attempt, r.token.owner, r.revision) not in rejected
+        ]
+        if good:
+            released[unit] = good
+    return released
 
 
 class StopSignals:

@@ -133,6 +133,8 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
     weights[first] = torch.full_like(weights[first], float("nan"))
     save_file(weights, str(nan_dir / "diffusion_pytorch_model.safetensors"))
     nan = _release(vol, m, "expert-0", nan_dir, attempt=2, tag="-nan")
+    # ... and the only release of expert-1 is poisoned too: once rejected, volunteers see that unit as open again.
+    _release(vol, m, "expert-1", nan_dir, attempt=1, tag="-nan")
     # 3. Trained on noise: a well-formed model that did not learn its shard.
     _train(_expert_task(m, tmp_path, noise=True), tmp_path / "noise", seed=0)
     on_noise = _release(vol, m, "expert-0", tmp_path / "noise" / "model", attempt=3, tag="-noise")
@@ -161,6 +163,9 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
         # The rejections are in the DHT with their reasons, for `isles status` and the volunteers.
         stored = {r.token.attempt: r.reason for r in agg.swarm.get_rejections(m.run_id)}
         assert "non-finite weights" in stored[nan.token.attempt]
+        from isles.client.join import released_units
+
+        assert sorted(released_units(agg.swarm, m)) == ["expert-0", "router"]
         first = agg.published
         assert first is not None and sorted(first.units) == ["expert-0", "router"]
         assert (first.folder / "samples.png").is_file() and (first.folder / "README.md").is_file()
@@ -192,7 +197,7 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert summary["revision"] == first.revision
-    assert len(summary["rejections"]) == 3
+    assert len(summary["rejections"]) == 4
     assert {u["unit"]: u["state"] for u in summary["units"]} == {
         "expert-0": "accepted",
         "expert-1": "missing",
