@@ -1,14 +1,15 @@
 """Training checkpoints: one file per checkpoint, written atomically, with a footer that proves it is whole.
 
-Layout of `ckpt-<step>.isles`: a `torch.save` payload (tensors and plain values only, read back with
-`weights_only=True`), then a 48-byte footer: sha256 of the payload (32), payload length (8, little endian), MAGIC.
-`latest_checkpoint` skips any file whose footer does not verify, so a truncated or partial file is never resumed.
+Layout of `ckpt-<step>.isles`: a safetensors payload (every tensor of the state, plus the rest of its structure as
+JSON in the header; checkpoints travel between peers, so nothing is unpickled), then a 48-byte footer: sha256 of the
+payload (32), payload length (8, little endian), MAGIC. `latest_checkpoint` skips any file whose footer does not
+verify, so a truncated or partial file is never resumed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -18,21 +19,71 @@ import torch
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_writer
 
-MAGIC = b"ISLESCK1"
+MAGIC = b"ISLESCK2"  # 2: safetensors payload (1 was a torch.save pickle)
 FOOTER_SIZE = 32 + 8 + len(MAGIC)
 SUFFIX = ".isles"
 _NAME = re.compile(r"^ckpt-(\d+)\.isles$")
+_STATE_KEY = "isles_state"  # the safetensors metadata entry holding the state's structure
 
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:09d}{SUFFIX}"
 
 
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], seen: set[int]) -> Any:
+    """The JSON form of `obj` with every tensor moved into `tensors` (and replaced by a reference to its name).
+
+    Dicts with non-string keys (optimizer state is keyed by parameter index) and tuples (Adam's betas) are tagged, so
+    `_decode` gives back exactly the structure `load_state_dict` expects."""
+    if isinstance(obj, torch.Tensor):
+        name = str(len(tensors))
+        tensor = obj.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen and tensor.numel():  # safetensors refuses tensors that share memory
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+        return {"t": name}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"d": {k: _encode(v, tensors, seen) for k, v in obj.items()}}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            return {"i": [[k, _encode(v, tensors, seen)] for k, v in obj.items()]}
+        raise TypeError(f"checkpoint dicts need str or int keys, got {sorted({type(k).__name__ for k in obj})}")
+    if isinstance(obj, tuple):
+        return {"u": [_encode(v, tensors, seen) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, seen) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (tensors and plain values only)")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    ((tag, value),) = obj.items()
+    if tag == "t":
+        return tensors[value]
+    if tag == "d":
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if tag == "i":
+        return {int(k): _decode(v, tensors) for k, v in value}
+    if tag == "u":
+        return tuple(_decode(v, tensors) for v in value)
+    raise ValueError(f"unknown tag {tag!r}")
+
+
 def write_checkpoint(folder: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Serialize `state` to `folder/ckpt-<step>.isles` atomically; returns the path."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
+    """Serialize `state` (nested dicts, lists and tuples of tensors and plain values) to `folder/ckpt-<step>.isles`
+    atomically; returns the path."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(state, tensors, set()), separators=(",", ":"))
+    payload = save(tensors, metadata={_STATE_KEY: structure})
     footer = hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "little") + MAGIC
     path = Path(folder) / checkpoint_name(step)
     with atomic_writer(path) as f:
@@ -68,7 +119,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise IslesError(
             f"checkpoint {path} is damaged or incomplete", hint="delete it; training resumes from an older one"
         )
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(payload)
+        header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+        return _decode(json.loads(header["__metadata__"][_STATE_KEY]), tensors)
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # whole, but not written by this version
+        raise IslesError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})",
+            hint="delete it; training resumes from an older one",
+        ) from None
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:

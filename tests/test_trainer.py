@@ -84,6 +84,27 @@ def test_truncated_checkpoint_is_never_resumed(small_shard, tmp_path):
     _assert_bit_identical(_weights(tmp_path / "a", "model"), reference)
 
 
+def test_a_pickle_with_a_valid_footer_is_never_unpickled(tmp_path):
+    """Checkpoints come from other peers: a whole file that is not safetensors is refused, its code never run."""
+    import hashlib
+    import io
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    payload = io.BytesIO()
+    pickle.dump({"step": 1, "boom": Boom()}, payload)
+    data = payload.getvalue()
+    footer = hashlib.sha256(data).digest() + len(data).to_bytes(8, "little") + checkpoints.MAGIC
+    path = tmp_path / checkpoints.checkpoint_name(1)
+    path.write_bytes(data + footer)
+    with pytest.raises(IslesError, match="cannot be read"):
+        checkpoints.read_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_micro_batches_accumulate_to_the_global_batch(small_shard, tmp_path):
     from isles.experts.trainer import _accumulate
 
