@@ -144,7 +144,7 @@ def load_shard(path: str | Path, sha256: str | None = None) -> ShardData:
         raise IslesError(
             f"{path} is not a readable shard file ({exc})", hint="rebuild it with `isles partition`"
         ) from None
-    if metadata.get("format") != FORMAT or "items" not in tensors:
+    if metadata.get("format") != FORMAT or not {"items", "clusters", "val_mask"} <= tensors.keys():
         raise IslesError(f"{path} is a safetensors file but not an isles shard", hint="rebuild it with isles")
     return ShardData(
         items=tensors["items"],

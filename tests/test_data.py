@@ -3,6 +3,8 @@ VAE latents with a randomly initialised tiny AutoencoderKL."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -68,6 +70,11 @@ def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
     save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(IslesError, match="not an isles shard"):
         load_shard(tmp_path / "other.safetensors")
+    header = json.dumps({"format": "isles-shard-1", "meta": {}})  # the right header, a tensor missing
+    items = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    save_file({"items": items}, tmp_path / "partial.safetensors", {"isles": header})
+    with pytest.raises(IslesError, match="not an isles shard"):
+        load_shard(tmp_path / "partial.safetensors")
     with pytest.raises(IslesError, match="unknown data source"):
         load_source("imagenet-please")
 
