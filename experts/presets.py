@@ -193,13 +193,22 @@ def load_model(folder: str | Path) -> torch.nn.Module:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise IslesError(f"no diffusers model in {folder} (config.json is missing)")
-    class_name = json.loads(config_path.read_text()).get("_class_name")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IslesError(f"{config_path} is not valid JSON ({exc})", hint="re-export or re-download it") from None
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
     classes = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
     if class_name not in classes:
         raise IslesError(f"{config_path}: unsupported model class {class_name!r}", hint="expected UNet2DModel or DiT")
     if not (folder / "diffusion_pytorch_model.safetensors").is_file():
         raise IslesError(f"no weights in {folder} (diffusion_pytorch_model.safetensors is missing)")
-    return _prepare(classes[class_name].from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False))
+    try:
+        model = classes[class_name].from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:  # weights that do not fit the config, bad fields
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise IslesError(f"cannot load the model in {folder}: {first}", hint="re-export or re-download it") from None
+    return _prepare(model)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

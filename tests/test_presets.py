@@ -96,3 +96,17 @@ def test_conditional_model_without_labels_uses_the_null_class():
         labelled = model_forward(model, x, t, torch.tensor([3, 3]))
     torch.testing.assert_close(uncond, null)
     assert not torch.allclose(uncond, labelled)
+
+
+def test_a_damaged_model_folder_is_a_user_error(tmp_path):
+    """What a volunteer or `isles sample` pulls may not match: one error line, not a diffusers traceback."""
+    import json
+
+    build_model("unet-tiny", 1, 8).save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "block_out_channels": [64, 128]}))
+    with pytest.raises(IslesError, match="cannot load the model"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(IslesError, match="not valid JSON"):
+        load_model(tmp_path)
