@@ -11,7 +11,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,7 +21,6 @@ from .artifacts import (
     ArtifactError,
     ArtifactNotFound,
     ArtifactStore,
-    IntegrityError,
     Kind,
     StoreUnavailable,
     check_expected,
@@ -55,6 +55,28 @@ def _transient(exc: BaseException) -> bool:
         return True
     module = type(exc).__module__.split(".")[0]
     return isinstance(exc, (ConnectionError, TimeoutError)) or module in ("httpx", "httpx2", "httpcore", "requests")
+
+
+@contextmanager
+def _resumable(staging: Path) -> Iterator[None]:
+    """Keep a staging folder's partial downloads only when the store was unreachable (the next pull resumes them);
+    after any other failure (bytes that failed verification, a missing repo or file) remove it."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _keep_only(staging: Path, expected: Mapping[str, str]) -> None:
+    for p in sorted(staging.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        elif p.relative_to(staging).as_posix() not in expected:
+            p.unlink()
 
 
 class HubStore(ArtifactStore):
@@ -204,14 +226,11 @@ class HubStore(ArtifactStore):
             return dest
         staging = staging_dir(dest)
         staging.mkdir(parents=True, exist_ok=True)
-        for path in expected:
-            self._download(repo, revision, path, staging, kind)
-        try:
+        with _resumable(staging):
+            for path in expected:
+                self._download(repo, revision, path, staging, kind)
             verify_files(staging, expected, f"{self._where(repo, kind, revision)}")
-        except IntegrityError:
-            shutil.rmtree(staging, ignore_errors=True)  # never resume from bytes that failed verification
-            raise
-        shutil.rmtree(staging / ".cache", ignore_errors=True)
+        _keep_only(staging, expected)  # a resumed staging folder may hold files of an earlier, different pull
         install_folder(staging, dest)
         return dest
 
@@ -231,12 +250,9 @@ class HubStore(ArtifactStore):
             return dest
         staging = staging_dir(dest)
         staging.mkdir(parents=True, exist_ok=True)
-        downloaded = self._download(repo, revision, path, staging, kind)
-        try:
+        with _resumable(staging):
+            downloaded = self._download(repo, revision, path, staging, kind)
             verify_files(staging, {path: sha256}, f"{self._where(repo, kind, revision)}")
-        except IntegrityError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         os.replace(downloaded, dest)
         shutil.rmtree(staging, ignore_errors=True)
         return dest

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hub_server import HubServer, hub_server  # noqa: F401 (fixture)
+from safetensors.numpy import load_file, save_file
+
 from isles.protocol.artifacts import (
     ArtifactError,
     ArtifactNotFound,
@@ -24,7 +26,6 @@ from isles.protocol.artifacts import (
 from isles.protocol.errors import IslesError
 from isles.protocol.store_hub import HubStore
 from isles.protocol.store_local import LocalStore
-from safetensors.numpy import load_file, save_file
 
 TOKEN = "hf_testtoken_do_not_leak"
 
@@ -189,7 +190,20 @@ def test_missing_repo_and_revision_are_clear_errors(store_case, tmp_path):
         store.pull("r", "b" * 40, tmp_path / "x", files)
     assert "revision" in err.value.message and err.value.hint
     assert store.exists("r", revision) and not store.exists("r", "b" * 40)
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and leftovers(tmp_path, ".x.") == []  # no partial-download folder either
+
+
+def test_files_left_by_an_interrupted_pull_do_not_join_the_next_one(store_case, tmp_path):
+    store, _ = store_case
+    src = make_expert(tmp_path / "src", mb=0.1)
+    files = folder_files(src)
+    revision = store.publish("r", src)
+    stale = tmp_path / ".pulled.isles-partial" / "expert_9"  # an earlier pull of another revision, cut short
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    dest = store.pull("r", revision, tmp_path / "pulled", files)
+    assert folder_files(dest) == files
+    assert leftovers(tmp_path, ".pulled.") == []
 
 
 # Hub-specific: faults on the wire, tokens ------------------------------------------------------------------------
