@@ -266,3 +266,26 @@ def test_round_trip_through_a_local_store(tmp_path):
     a, b = pipe(n=2, steps=2, seed=3), loaded(n=2, steps=2, seed=3)
     torch.testing.assert_close(a.images, b.images)
     assert revision in store.list_revisions("tiny-ensemble")
+
+
+def test_guidance_is_applied_per_expert_before_mixing():
+    from isles.router.sampling import guided
+
+    null = 9
+
+    def expert(scale):  # velocity depends on the class: v = scale * (x + label)
+        return lambda x, t, labels: scale * (x + labels.float()[:, None])
+
+    x, t = torch.ones(2, 3), torch.full((2,), 0.5)
+    labels = torch.tensor([1, 2])
+    w = 3.0
+    experts = [guided(expert(1.0), w, null), guided(expert(2.0), w, null)]
+    weights = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    v = mixed_velocity(experts, weights, x, t, labels)
+    for k, scale in enumerate((1.0, 2.0)):  # each expert: v_null + w (v_c - v_null)
+        cond = scale * (x + labels.float()[:, None])
+        uncond = scale * (x + null)
+        v_k = uncond + w * (cond - uncond)
+        v = v - weights[:, k : k + 1] * v_k
+    torch.testing.assert_close(v, torch.zeros_like(v))
+    assert guided(expert(1.0), 1.0, null) is not None  # scale 1: the expert as it is
