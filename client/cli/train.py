@@ -6,6 +6,7 @@ Run `isles train-expert --data digits --preset tiny --steps 2000 --out runs/digi
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import typer
 
@@ -43,6 +44,7 @@ def train_expert(
     from isles.experts.data import load_data
     from isles.experts.expert import ExpertTask, sample_expert, save_grid
     from isles.experts.trainer import TrainRecipe, train
+    from isles.protocol.files import sha256_file
 
     if threads:
         torch.set_num_threads(threads)  # several trainers on one machine: one thread each avoids thrashing
@@ -57,6 +59,8 @@ def train_expert(
         checkpoint_every_seconds=checkpoint_minutes * 60,
     )
     shard = load_data(data, sha256)
+    if sha256 is None and Path(data).is_file():  # the checkpoint identity covers the data: no resuming on other bytes
+        sha256 = sha256_file(data)
     task = ExpertTask(
         shard,
         preset=preset,
