@@ -42,9 +42,13 @@ class ExpertTask:
         if h != w:
             raise IslesError(f"items are {h}x{w}; isles presets need square items", hint="resize the data")
         self.num_classes = self.shard.num_classes if (self.conditional and self.shard.labels is not None) else None
-        if self.num_classes is not None and int(self.shard.labels.max()) >= self.num_classes:
-            top = int(self.shard.labels.max())
-            raise IslesError(f"shard labels go up to {top} but its num_classes is {self.num_classes}")
+        if self.num_classes is not None and len(self.shard):
+            low, top = int(self.shard.labels.min()), int(self.shard.labels.max())
+            if low < 0 or top >= self.num_classes:
+                raise IslesError(
+                    f"shard labels range over {low}..{top} but its num_classes is {self.num_classes}",
+                    hint="labels must lie in 0..num_classes-1; rebuild the shard, or pass --unconditional",
+                )
         self._train = self.shard.train_split()
         self._val = self.shard.val_split()
         if len(self._train) == 0:

@@ -87,6 +87,13 @@ def test_corrupt_shard_and_shape_mismatch(tmp_path, capsys):
         ["train-expert", "--data", str(tmp_path / "odd.safetensors"), "--out", str(tmp_path)], capsys
     )
     assert code == 1 and "even resolution" in err
+    bad = load_source("digits").subset(torch.arange(10))
+    bad.labels[3] = -1  # an embedding lookup would fail deep inside the model
+    save_shard(bad, tmp_path / "bad.safetensors")
+    code, _, err = run_cli(
+        ["train-expert", "--data", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "b")], capsys
+    )
+    assert code == 1 and "labels range over -1..9" in err
 
 
 def test_presets_table_as_json(capsys):
