@@ -1,9 +1,6 @@
-"""Training checkpoints: one file per checkpoint, written atomically, with a footer that proves it is whole.
-
-Layout of `ckpt-<step>.isles`: a safetensors payload (every tensor of the state, plus the rest of its structure as
-JSON in the header; checkpoints travel between peers, so nothing is unpickled), then a 48-byte footer: sha256 of the
-payload (32), payload length (8, little endian), MAGIC. `latest_checkpoint` skips any file whose footer does not
-verify, so a truncated or partial file is never resumed.
+"""Training checkpoints: `ckpt-<step>.isles`, written atomically: a safetensors payload (tensors, with the state's
+structure as JSON in its header: checkpoints travel between peers, so nothing is unpickled), then a footer (sha256,
+length, MAGIC) that proves the file whole: `latest_checkpoint` never picks a truncated or partial file.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
-"""The trainer: runs a TrainRecipe to completion for any *task*, with checkpoints, exact resume, EMA and export.
-
-A task is any object with these methods (the expert task is experts/expert.py, the router's is in router/):
-
-    describe() -> dict                       JSON-able identity; a checkpoint only resumes into the same one
-    build_model() -> torch.nn.Module         fresh model (the trainer seeds torch's RNG with recipe.seed first)
-    train_size() -> int                      number of training items; the trainer walks seeded permutations
-    make_batch(indices, generator) -> dict   the global batch on the CPU: every tensor has a leading batch dim and
-                                             ALL randomness (noise, t, label dropout) is drawn here from
-                                             `generator`, so splitting into micro-batches changes nothing
-    loss(model, batch) -> scalar tensor      mean loss over a (micro-)batch already moved to the device
-    validate(model, device) -> dict          e.g. {"val_loss": ...}; deterministic; run on the EMA model
-    export(model, folder, metrics) -> None   write the publishable folder from the EMA model
-    flops_per_sample() -> int  (optional)    training FLOPs per item, for the metrics
-
-Run: `train(task, recipe, out_dir)`; run it again with the same out_dir and it resumes from the newest whole
-checkpoint, bit for bit (same hardware and micro-batch). The global batch never depends on the hardware: the
-micro-batch only decides how many pieces its gradient is accumulated from.
+"""The trainer: runs a TrainRecipe to completion for any *task* (see `Task`), with checkpoints, exact resume, EMA and
+export. `train(task, recipe, out_dir)`; run it again with the same out_dir and it resumes from the newest whole
+checkpoint, bit for bit (same hardware and micro-batch). The global batch never depends on the hardware.
 """
 
 from __future__ import annotations
@@ -99,6 +84,20 @@ class TrainResult:
 
 
 class Task(Protocol):
+    """What the trainer trains (the expert task is experts/expert.py, the router's is in router/):
+
+    describe() -> dict                       JSON-able identity; a checkpoint only resumes into the same one
+    build_model() -> torch.nn.Module         fresh model (the trainer seeds torch's RNG with recipe.seed first)
+    train_size() -> int                      number of training items; the trainer walks seeded permutations
+    make_batch(indices, generator) -> dict   the global batch on the CPU: every tensor has a leading batch dim and
+                                             ALL randomness (noise, t, label dropout) is drawn here from
+                                             `generator`, so splitting into micro-batches changes nothing
+    loss(model, batch) -> scalar tensor      mean loss over a (micro-)batch already moved to the device
+    validate(model, device) -> dict          e.g. {"val_loss": ...}; deterministic; run on the EMA model
+    export(model, folder, metrics) -> None   write the publishable folder from the EMA model
+    flops_per_sample() -> int  (optional)    training FLOPs per item, for the metrics
+    """
+
     def describe(self) -> dict: ...
     def build_model(self) -> torch.nn.Module: ...
     def train_size(self) -> int: ...
