@@ -62,7 +62,7 @@ def isles_loop(shard, preset: str, batch: int, steps: int, warmup: int, device: 
     with tempfile.TemporaryDirectory() as out:
         train(
             ExpertTask(shard, preset, "fm"), recipe, out, device=device, progress=on_progress,
-            progress_every_steps=1, export=False,
+            progress_every_steps=1, export=False, precision="fp32",  # the bare loop has no bf16 autocast either
         )  # fmt: skip
     return steps * batch / (marks[warmup + steps] - marks[warmup])
 
