@@ -161,18 +161,18 @@ class DHTNode:
             future = self.dht.run_coroutine(coro, return_future=True)
         return future.result()
 
-    def register_run(self, manifest_or_id: RunManifest | str, units: tuple[str, ...] | None = None) -> None:
-        """Check this run's records from now on (both what peers ask us to store and what lookups return)."""
-        if isinstance(manifest_or_id, RunManifest):
-            run_id, units = manifest_or_id.run_id, tuple(manifest_or_id.units)
-        else:
-            run_id = manifest_or_id
-        if run_id in self._runs:
+    def register_run(self, manifest: RunManifest) -> None:
+        """Check this run's records from now on (both what peers ask us to store and what lookups return).
+
+        Takes the manifest, not just its id: a schema registered without the units would leave every per-unit key
+        (claims, checkpoints, releases) unchecked, and a run is registered only once."""
+        if manifest.run_id in self._runs:
             return
         from functools import partial
 
-        self.run_coroutine(partial(_add_validators, validators=[make_run_validator(run_id, tuple(units or ()))]))
-        self._runs.add(run_id)
+        validator = make_run_validator(manifest.run_id, tuple(manifest.units))
+        self.run_coroutine(partial(_add_validators, validators=[validator]))
+        self._runs.add(manifest.run_id)
 
     def visible_maddrs(self) -> list[str]:
         from hivemind.dht.dht import DHT
