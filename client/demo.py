@@ -47,7 +47,7 @@ class DemoRecipe:
 
 
 QUICK = DemoRecipe(4, 2, "unet-tiny", 150, 150, 32, 1e-3, 10, 0.99, "cnn-tiny", 10.0, 8.0, 2.0, 1.0, 20, 300.0)
-FULL = DemoRecipe(4, 2, "unet-tiny", 1000, 600, 64, 5e-4, 50, 0.995, "cnn-small", 30.0, 20.0, 5.0, 2.0, 30, 1200.0)
+FULL = DemoRecipe(4, 2, "unet-tiny", 600, 400, 48, 1e-3, 20, 0.995, "cnn-small", 30.0, 20.0, 5.0, 2.0, 30, 1200.0)
 
 
 @dataclass(frozen=True)

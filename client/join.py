@@ -360,17 +360,20 @@ class Volunteer:
         from isles.experts import checkpoints
 
         ckpt_dir = unit_dir / "checkpoints"
-        local = checkpoints.list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
-        local_step = max((s for s, p in local if checkpoints.verify_checkpoint(p)), default=0)
+        latest = checkpoints.latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None  # only whole checkpoints
+        local_step = next((s for s, p in checkpoints.list_checkpoints(ckpt_dir) if p == latest), 0) if latest else 0
         pointer = self.swarm.latest_checkpoint(self.manifest.run_id, unit)
-        if pointer is not None and pointer.step > local_step and len(pointer.files) == 1:
+        if pointer is not None and pointer.step > local_step:
             staging = unit_dir / "pulled"
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 self.store.pull(pointer.repo, pointer.revision, staging, pointer.files)
-                (name,) = pointer.files
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                (staging / name).replace(ckpt_dir / Path(name).name)
+                for entry in staging.iterdir():  # the checkpoint's file(s), as the trainer wrote them
+                    target = ckpt_dir / entry.name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    entry.replace(target)
                 local_step = pointer.step
                 self.display.event(f"pulled the checkpoint of {unit} at step {pointer.step} ({pointer.token.owner})")
             except IslesError as exc:
@@ -380,7 +383,7 @@ class Volunteer:
         return local_step or None
 
     def _push_checkpoint(self, lease, path: Path, step: int, steps: int) -> None:
-        from isles.protocol.files import sha256_file
+        from isles.protocol.artifacts import folder_files
         from isles.protocol.records import CheckpointPointer
         from isles.protocol.swarm import dht_time
 
@@ -389,7 +392,11 @@ class Volunteer:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            shutil.copy2(path, staging / path.name)
+            if path.is_dir():
+                shutil.copytree(path, staging / path.name)
+            else:  # the checkpoint file and any companion files of the same name (e.g. .json beside .safetensors)
+                for part in path.parent.glob(f"{path.stem}.*"):
+                    shutil.copy2(part, staging / part.name)
             repo = qualified(self.store, f"{m.run_id}-{lease.unit}-checkpoints")
             revision = self.store.publish(repo, staging, kind="model", message=f"{lease.unit} step {step}")
             pointer = CheckpointPointer(
@@ -398,7 +405,7 @@ class Volunteer:
                 token=lease.fencing_token,
                 repo=repo,
                 revision=revision,
-                files={path.name: sha256_file(path)},
+                files=folder_files(staging),
                 step=step,
                 steps=steps,
                 written_time=dht_time(),

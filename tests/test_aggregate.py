@@ -189,6 +189,8 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
             "5",
             "--work-dir",
             str(tmp_path / "agg2"),
+            "--identity",
+            str(tmp_path / "agg2-id"),
         ],
         capture_output=True,
         text=True,

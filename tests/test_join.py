@@ -181,7 +181,10 @@ def test_join_bad_arguments_give_one_error_line(args, message, tmp_path):
     import subprocess
 
     proc = subprocess.run(
-        ISLES + ["join", "--work-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=120
+        ISLES + ["join", "--work-dir", str(tmp_path), "--identity", str(tmp_path / "id"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     first = proc.stderr.strip().splitlines()
@@ -211,6 +214,8 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
             "hf://alice",
             "--work-dir",
             str(tmp_path / "alice"),
+            "--identity",
+            str(tmp_path / "alice-id"),
             "--device",
             "cpu",
             "--plain",
@@ -245,6 +250,8 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
             "--json",
             "--work-dir",
             str(tmp_path / "agg"),
+            "--identity",
+            str(tmp_path / "agg-id"),
         ],
         capture_output=True,
         text=True,

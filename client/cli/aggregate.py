@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from . import output
-from .join import PEERS_HELP, swarm_options
+from . import options, output
+from .join import swarm_options
 
 
 def register(app: typer.Typer) -> None:
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 
 def aggregate(
-    peers: list[str] = typer.Option(None, "--peers", help=PEERS_HELP),
+    peers: options.Peers = None,
     run: str = typer.Option(None, "--run", help="Run id (default: the swarm's only open run)."),
     store: str = typer.Option(None, "--store", help="Store the releases are in (default: the run's)."),
     to: str = typer.Option(None, "--to", help="Ensemble repo to publish (default: <run id>-ensemble)."),
@@ -25,12 +25,13 @@ def aggregate(
     poll_period: float = typer.Option(10.0, "--poll-period", help="Seconds between passes."),
     sample_steps: int = typer.Option(30, "--sample-steps", min=1, help="Euler steps of the model card's samples."),
     work_dir: Path = typer.Option(Path("isles-aggregate"), "--work-dir", help="Pulled releases and the ensemble."),
-    identity: Path = typer.Option(None, "--identity", help="Identity folder (peer id + signing key)."),
+    identity: options.IdentityDir = None,
     summary: Path = typer.Option(None, "--summary", help="Also write the summary JSON to this file."),
-    reachable: bool = typer.Option(False, "--reachable/--client-mode", help="Accept inbound connections."),
-    host_maddrs: list[str] = typer.Option(None, "--host-maddrs", help="Listen addresses (with --reachable)."),
-    announce_maddrs: list[str] = typer.Option(None, "--announce-maddrs", help="Public addresses to announce."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout at the end."),
+    client_mode: options.ClientMode = True,
+    host_maddrs: options.HostMaddrs = None,
+    announce_maddrs: options.AnnounceMaddrs = None,
+    startup_timeout: options.StartupTimeout = 30.0,
+    as_json: options.Json = False,
 ) -> None:
     """Verify releases (hashes, config, finite weights, held-out loss) and publish the ensemble whenever it grows.
 
@@ -41,7 +42,7 @@ def aggregate(
     from isles.client.join import StopSignals
 
     config = AggregateConfig(
-        swarm=swarm_options(peers, identity, reachable, host_maddrs, announce_maddrs),
+        swarm=swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout),
         run_id=run,
         store=store,
         to=to,

@@ -6,30 +6,31 @@ from pathlib import Path
 
 import typer
 
-from . import output
-
-PEERS_HELP = "Multiaddr of a swarm peer (repeatable), as printed by `isles bootstrap`."
+from . import options, output
 
 
 def register(app: typer.Typer) -> None:
     app.command("join")(join)
 
 
-def swarm_options(peers, identity, reachable, host_maddrs, announce_maddrs, startup_timeout=30.0):
+def swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout=30.0):
+    """SwarmOptions from the shared CLI options (client/cli/options.py); the identity defaults to the persistent one in
+    the user's config dir, so a restarted volunteer keeps its peer id and its claims."""
     from isles.client.join import SwarmOptions
+    from isles.protocol.identity import default_identity_dir
 
     return SwarmOptions(
         peers=tuple(peers or ()),
-        identity=identity,
-        client_mode=not reachable,
-        host_maddrs=tuple(host_maddrs or ("/ip4/0.0.0.0/tcp/0",)),
-        announce_maddrs=tuple(announce_maddrs or ()),
+        identity=identity or default_identity_dir(),
+        client_mode=client_mode,
+        host_maddrs=options.parse_maddrs(host_maddrs, "--host-maddrs") or ("/ip4/0.0.0.0/tcp/0",),
+        announce_maddrs=options.parse_maddrs(announce_maddrs, "--announce-maddrs"),
         startup_timeout=startup_timeout,
     )
 
 
 def join(
-    peers: list[str] = typer.Option(None, "--peers", help=PEERS_HELP),
+    peers: options.Peers = None,
     run: str = typer.Option(None, "--run", help="Run id (default: the swarm's only open run)."),
     store: str = typer.Option(
         None, "--store", help="Artifact store: hf://<namespace> or a folder (default: the run's)."
@@ -37,18 +38,19 @@ def join(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     max_units: int = typer.Option(None, "--max-units", min=1, help="Stop after training this many units."),
     work_dir: Path = typer.Option(Path("isles-work"), "--work-dir", help="Shards, checkpoints and exports go here."),
-    identity: Path = typer.Option(None, "--identity", help="Identity folder (peer id + signing key)."),
+    identity: options.IdentityDir = None,
     checkpoint_period: float = typer.Option(180.0, "--checkpoint-period", help="Seconds between checkpoint pushes."),
-    lease_ttl: float = typer.Option(60.0, "--lease-ttl", help="Seconds a claim lives without a heartbeat."),
-    heartbeat_period: float = typer.Option(15.0, "--heartbeat-period", help="Seconds between lease renewals."),
-    settle_period: float = typer.Option(3.0, "--settle-period", help="Seconds to wait for racing claims."),
+    lease_ttl: options.LeaseTtl = 60.0,
+    heartbeat_period: options.HeartbeatPeriod = 15.0,
+    settle_period: options.SettlePeriod = 3.0,
     name: str = typer.Option("", "--name", help="Your name in model cards (default: your peer id)."),
-    reachable: bool = typer.Option(False, "--reachable/--client-mode", help="Accept inbound connections."),
-    host_maddrs: list[str] = typer.Option(None, "--host-maddrs", help="Listen addresses (with --reachable)."),
-    announce_maddrs: list[str] = typer.Option(None, "--announce-maddrs", help="Public addresses to announce."),
+    client_mode: options.ClientMode = True,
+    host_maddrs: options.HostMaddrs = None,
+    announce_maddrs: options.AnnounceMaddrs = None,
+    startup_timeout: options.StartupTimeout = 30.0,
     micro_batch: int = typer.Option(None, "--micro-batch", min=1, help="Items per forward pass (default: auto)."),
     plain: bool = typer.Option(None, "--plain/--live", help="Plain log lines or the live panel (default: by tty)."),
-    as_json: bool = typer.Option(False, "--json", help="Print what was trained as JSON on stdout at the end."),
+    as_json: options.Json = False,
 ) -> None:
     """Volunteer this machine: claim a unit of the run with a lease, train it, publish it, and take the next one.
 
@@ -56,8 +58,9 @@ def join(
     """
     from isles.client.join import JoinConfig, StopSignals, Volunteer
 
+    options.lease_settings(lease_ttl, heartbeat_period, settle_period)  # bad periods: one clear error line
     config = JoinConfig(
-        swarm=swarm_options(peers, identity, reachable, host_maddrs, announce_maddrs),
+        swarm=swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout),
         run_id=run,
         store=store,
         device=device,
