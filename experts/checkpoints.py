@@ -120,7 +120,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     from safetensors.torch import load
 
     try:
-        tensors = load(payload)
+        # load() views immutable bytes; the optimizer updates its state tensors in place, so each gets its own memory
+        tensors = {name: tensor.clone() for name, tensor in load(payload).items()}
         header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
         return _decode(json.loads(header["__metadata__"][_STATE_KEY]), tensors)
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # whole, but not written by this version
