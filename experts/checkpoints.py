@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from isles.protocol.errors import IslesError
-from isles.protocol.files import atomic_writer
+from isles.protocol.files import CHUNK, atomic_writer
 
 MAGIC = b"ISLESCK2"  # 2: safetensors payload (1 was a torch.save pickle)
 FOOTER_SIZE = 32 + 8 + len(MAGIC)
@@ -89,42 +90,103 @@ def write_checkpoint(folder: str | Path, step: int, state: dict[str, Any]) -> Pa
     return path
 
 
-def _payload(path: Path) -> bytes | None:
-    """The verified payload of a checkpoint file, or None if the file is truncated, altered or not a checkpoint."""
-    try:
-        data = path.read_bytes()
-    except OSError:
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class _Unreadable(Exception):
+    """The payload is whole but not a checkpoint this version can read."""
+
+
+def _open_payload(f: BinaryIO) -> tuple[bytes, int] | None:
+    """(sha256, length) from the footer of an open checkpoint file, or None if it has no valid footer."""
+    size = os.fstat(f.fileno()).st_size
+    if size < FOOTER_SIZE:
         return None
-    if len(data) < FOOTER_SIZE or data[-len(MAGIC) :] != MAGIC:
+    f.seek(size - FOOTER_SIZE)
+    footer = f.read(FOOTER_SIZE)
+    length = int.from_bytes(footer[32:40], "little")
+    if footer[-len(MAGIC) :] != MAGIC or length != size - FOOTER_SIZE:
         return None
-    digest = data[-FOOTER_SIZE : -FOOTER_SIZE + 32]
-    length = int.from_bytes(data[-FOOTER_SIZE + 32 : -len(MAGIC)], "little")
-    payload = data[:-FOOTER_SIZE]
-    if len(payload) != length or hashlib.sha256(payload).digest() != digest:
-        return None
-    return payload
+    f.seek(0)
+    return footer[:32], length
 
 
 def verify_checkpoint(path: str | Path) -> bool:
-    return _payload(Path(path)) is not None
+    """Whether the file is whole (its footer's sha256 matches the payload), read in chunks rather than into memory."""
+    try:
+        with open(path, "rb") as f:
+            found = _open_payload(f)
+            if found is None:
+                return False
+            digest, remaining = found
+            hasher = hashlib.sha256()
+            while remaining and (chunk := f.read(min(CHUNK, remaining))):
+                hasher.update(chunk)
+                remaining -= len(chunk)
+            return remaining == 0 and hasher.digest() == digest
+    except OSError:
+        return False
+
+
+def _read_tensors(f: BinaryIO, length: int, hasher) -> tuple[dict[str, torch.Tensor], dict]:
+    """Parse the safetensors payload in one pass, each tensor into its own writable buffer (peak memory: the state
+    itself, not several copies of the file), hashing every byte read."""
+
+    def take(n: int) -> bytearray:
+        buffer = bytearray(n)
+        if f.readinto(buffer) != n:
+            raise _Unreadable("the file ended early")
+        hasher.update(buffer)
+        return buffer
+
+    header_size = int.from_bytes(take(8), "little")
+    if header_size > length - 8:
+        raise _Unreadable("not a safetensors payload")
+    header = json.loads(take(header_size))
+    metadata = header.pop("__metadata__", {})
+    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    position = 0
+    for _name, info in entries:  # check every size before allocating anything
+        start, end = info["data_offsets"]
+        if start != position or end < start or info["dtype"] not in _DTYPES:
+            raise _Unreadable("the tensor layout is not one this version writes")
+        position = end
+    if 8 + header_size + position != length:
+        raise _Unreadable("the tensor data does not fill the payload")
+    tensors = {}
+    for name, info in entries:
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        buffer = take(end - start)
+        flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors, metadata
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's state onto the CPU; a damaged file is an IslesError."""
-    payload = _payload(Path(path))
-    if payload is None:
-        raise IslesError(
-            f"checkpoint {path} is damaged or incomplete", hint="delete it; training resumes from an older one"
-        )
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
+    """Load a checkpoint's state onto the CPU; a damaged or foreign file is an IslesError (nothing is unpickled)."""
+    damaged = IslesError(
+        f"checkpoint {path} is damaged or incomplete", hint="delete it; training resumes from an older one"
+    )
     try:
-        # load() views immutable bytes; the optimizer updates its state tensors in place, so each gets its own memory
-        tensors = {name: tensor.clone() for name, tensor in load(payload).items()}
-        header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
-        return _decode(json.loads(header["__metadata__"][_STATE_KEY]), tensors)
-    except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # whole, but not written by this version
+        with open(path, "rb") as f:
+            found = _open_payload(f)
+            if found is None:
+                raise damaged
+            digest, length = found
+            hasher = hashlib.sha256()
+            tensors, metadata = _read_tensors(f, length, hasher)
+        if hasher.digest() != digest:
+            raise damaged
+        return _decode(json.loads(metadata[_STATE_KEY]), tensors)
+    except OSError as exc:
+        raise IslesError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    except (_Unreadable, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:  # foreign content
+        if not verify_checkpoint(path):  # a flipped byte in the header: say damaged, not foreign
+            raise damaged from None
         raise IslesError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})",
             hint="delete it; training resumes from an older one",
