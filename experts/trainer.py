@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from isles.protocol.artifacts import install_folder
 from isles.protocol.errors import IslesError
 
 from . import checkpoints
@@ -338,8 +340,11 @@ def train(
     export_dir = None
     if completed and export:
         metrics.update(task.validate(ema, device))
-        export_dir = out_dir / "model"
-        task.export(ema, export_dir, metrics)
+        # Exported beside, then swapped in: a crash mid-export never leaves a half-written model/ to be published.
+        export_dir, staging = out_dir / "model", out_dir / ".model.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        task.export(ema, staging, metrics)
+        install_folder(staging, export_dir)
     return TrainResult(completed=completed, step=step, checkpoint=last_ckpt, export_dir=export_dir, metrics=metrics)
 
 

@@ -223,3 +223,18 @@ def test_checkpoints_by_wall_clock(small_shard, tmp_path):
     recipe = TrainRecipe(steps=3, global_batch=4, checkpoint_every_steps=None, checkpoint_every_seconds=0.0)
     train(_task(small_shard), recipe, tmp_path, on_checkpoint=lambda p, s: seen.append(s), export=False)
     assert seen == [1, 2, 3]
+
+
+def test_a_failed_export_leaves_no_half_written_model_folder(tmp_path):
+    class FailingExport(ParityTask):
+        def export(self, model, folder, metrics):
+            super().export(model, folder, metrics)
+            raise OSError("disk full")
+
+    recipe = TrainRecipe(steps=2, global_batch=16, warmup_steps=0)
+    with pytest.raises(OSError, match="disk full"):
+        train(FailingExport(), recipe, tmp_path)
+    assert not (tmp_path / "model").exists()  # nothing a volunteer could publish by mistake
+    result = train(ParityTask(), recipe, tmp_path)  # run again: resumes at the end and exports
+    assert result.export_dir == tmp_path / "model" and (tmp_path / "model" / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "model"]
