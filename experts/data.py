@@ -19,6 +19,7 @@ from isles.protocol.files import atomic_write_bytes, sha256_file
 
 FORMAT = "isles-shard-1"
 VAL_FRACTION = 0.1
+REQUIRED = {"items", "clusters", "val_mask"}  # tensors every shard file holds (labels are optional)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -127,24 +128,22 @@ def save_shard(shard: ShardData, path: str | Path) -> str:
 
 def load_shard(path: str | Path, sha256: str | None = None) -> ShardData:
     """Read a shard file; with `sha256`, refuse a file whose hash differs (a corrupt or wrong download)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise IslesError(f"shard file not found: {path}", hint="check the path, or use a built-in source: digits")
     if sha256 is not None and sha256_file(path) != sha256:
         raise IslesError(f"shard {path} is corrupt: its sha256 does not match", hint="delete it and download again")
-    raw = path.read_bytes()
     try:
-        tensors = load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        metadata = json.loads(json.loads(raw[8 : 8 + header_len]).get("__metadata__", {}).get("isles", "{}"))
+        with safe_open(path, framework="pt") as f:  # tensor by tensor: a large shard is not held in memory twice
+            metadata = json.loads((f.metadata() or {}).get("isles", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, ValueError, OSError, AttributeError) as exc:
         raise IslesError(
             f"{path} is not a readable shard file ({exc})", hint="rebuild it with `isles partition`"
         ) from None
-    if metadata.get("format") != FORMAT or not {"items", "clusters", "val_mask"} <= tensors.keys():
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or not REQUIRED <= tensors.keys():
         raise IslesError(f"{path} is a safetensors file but not an isles shard", hint="rebuild it with isles")
     return ShardData(
         items=tensors["items"],
