@@ -5,6 +5,7 @@ length, MAGIC) that proves the file whole: `latest_checkpoint` never picks a tru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -115,7 +116,20 @@ def _open_payload(f: BinaryIO) -> tuple[bytes, int] | None:
 
 
 def verify_checkpoint(path: str | Path) -> bool:
-    """Whether the file is whole (its footer's sha256 matches the payload), read in chunks rather than into memory."""
+    """Whether the file is whole (its footer's sha256 matches the payload), read in chunks rather than into memory.
+
+    Checkpoints are listed, pruned and resumed from often, and a large one takes seconds to hash: a file is hashed
+    again only when it changed (another inode, size or mtime; writes are atomic renames, so a rewrite is a new inode).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _verified(os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _verified(path: str, _inode: int, _size: int, _mtime_ns: int) -> bool:
     try:
         with open(path, "rb") as f:
             found = _open_payload(f)
