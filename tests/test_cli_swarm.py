@@ -140,3 +140,22 @@ def test_manifest_with_a_wrong_run_id_is_refused(tmp_path):
     assert_one_line_error(result, r"not a valid run manifest.*does not match")
     missing = isles("bootstrap", "--manifest", str(tmp_path / "nope.json"))
     assert_one_line_error(missing, r"not found")
+
+
+def test_status_shows_markup_from_other_peers_records_verbatim(capsys):
+    """A manifest name, peer id or rejection reason is another peer's text: `[/x]` in it must not crash the table."""
+    from isles.client.cli.swarm import _print_run
+    from isles.protocol.swarm_view import RunView, UnitView
+
+    hostile = "[/bold][red]"
+    view = RunView(
+        run_id="0123456789abcdef",
+        name=f"run {hostile}",
+        dataset="digits",
+        units=[UnitView(unit="expert-0", state="claimed", owner=f"12D3Koo{hostile}", step=1, steps=4)],
+        peers_online=[f"peer{hostile}"],
+        rejections=[{"unit": "expert-0", "revision": "abc", "owner": "p", "reason": f"val loss {hostile}"}],
+    )
+    _print_run(view)
+    out = capsys.readouterr().out
+    assert f"run {hostile}" in out and f"val loss {hostile}" in out and "[red]" in out

@@ -134,13 +134,17 @@ def _short(peer_id: str | None) -> str:
 
 
 def _print_run(view) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from isles.protocol.swarm_view import format_eta
 
+    # Names, peer ids and reasons come from other peers' records: escaped, so markup in them is shown, never parsed
+    # (an unmatched "[/x]" would otherwise crash `isles status` for everyone).
     counts = view.counts
     output.stdout.print(
-        f"[bold]Run {view.run_id}[/bold] {view.name} ({view.dataset}): {len(view.peers_online)} peers online; "
+        f"[bold]Run {escape(view.run_id)}[/bold] {escape(view.name)} ({escape(view.dataset)}): "
+        f"{len(view.peers_online)} peers online; "
         f"{counts['released']} released, {counts['claimed']} claimed, {counts['open']} open"
     )
     table = Table(show_edge=False, pad_edge=False)
@@ -151,9 +155,9 @@ def _print_run(view) -> None:
             f"{u.step}/{u.steps}" if u.steps else ("-" if u.checkpoint_step is None else f"ckpt {u.checkpoint_step}")
         )
         table.add_row(
-            u.unit,
+            escape(u.unit),
             u.state + (f" ({u.claimants} racing)" if u.claimants > 1 else ""),
-            _short(u.owner),
+            escape(_short(u.owner)),
             progress,
             f"{u.samples_per_s:.1f}" if u.samples_per_s else "-",
             format_eta(u.eta_s),
@@ -166,9 +170,10 @@ def _print_run(view) -> None:
         for peer in view.peers_online:
             p = states.get(peer)
             described.append(_short(peer) + (f" ({p['state']}{' ' + p['unit'] if p['unit'] else ''})" if p else ""))
-        output.stdout.print("Peers online: " + ", ".join(described))
+        output.stdout.print("Peers online: " + escape(", ".join(described)))
     if view.ensemble:
         e = view.ensemble
-        output.stdout.print(f"Ensemble: {e['repo']}@{e['revision'][:12]} ({len(e['experts'])} experts)")
+        output.stdout.print(escape(f"Ensemble: {e['repo']}@{e['revision'][:12]} ({len(e['experts'])} experts)"))
     for r in view.rejections:
-        output.stdout.print(f"Rejected: {r['unit']} {r['revision'][:12]} by {_short(r['owner'])}: {r['reason']}")
+        line = f"Rejected: {r['unit']} {r['revision'][:12]} by {_short(r['owner'])}: {r['reason']}"
+        output.stdout.print(escape(line))
