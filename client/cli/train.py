@@ -116,7 +116,8 @@ def train_expert(
         m = result.metrics
         output.stdout.print(
             f"{'done' if result.completed else 'stopped'} at step {result.step}: final loss {m.get('final_loss')}, "
-            f"validation loss {m.get('val_loss')}, {m.get('wall_time_s')} s; model in {summary['model']}"
+            f"validation loss {m.get('val_loss')}, {m.get('wall_time_s')} s; model in {summary['model']}",
+            markup=False,  # a path may hold brackets
         )
 
 
