@@ -119,18 +119,21 @@ def _child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
 
 
-def _wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path):
+def _wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path, stop: threading.Event):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
+        if stop.wait(0.2):
+            raise IslesError("the demo was interrupted; its processes were stopped", hint=f"logs are in {log.parent}")
     raise IslesError(f"demo: timed out after {timeout:.0f}s waiting for {what}", hint=f"see {log}")
 
 
-def run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
-    """Run the demo; returns the summary (see `summary_from`). Children are always stopped, even on failure."""
+def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Event | None = None) -> dict:
+    """Run the demo; returns the aggregator's summary plus run id, folders and wall time. `stop` (set on Ctrl-C or
+    SIGTERM) ends it early. Children are always stopped, even on failure."""
+    stop = stop or threading.Event()
     r = config.recipe
     work = config.work_dir.resolve()
     logs = work / "logs"
@@ -190,7 +193,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
             match = JOIN_LINE.search(boot.output())
             return match.group(1) if match else None
 
-        peer = _wait_for(join_line, 60, "the bootstrap node", boot.log_path)
+        peer = _wait_for(join_line, 60, "the bootstrap node", boot.log_path, stop)
         lease = [
             "--lease-ttl",
             str(r.lease_ttl),
@@ -269,7 +272,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None]) -> dict:
                     log(f"demo: {c.name} exited with {c.proc.returncode}; the others carry on")
             return False
 
-        _wait_for(finished, max(10.0, deadline - time.monotonic()), "the ensemble to be complete", agg.log_path)
+        _wait_for(finished, max(10.0, deadline - time.monotonic()), "the ensemble to be complete", agg.log_path, stop)
         agg.wait_output(10)
         if agg.proc.returncode != 0 or not summary_path.exists():
             raise IslesError(f"the demo's aggregator failed (exit {agg.proc.returncode})", hint=f"see {agg.log_path}")

@@ -140,7 +140,8 @@ def released_units(swarm, manifest) -> dict[str, list]:
 class StopSignals:
     """SIGINT / SIGTERM set `event` (a clean hand-off follows); a second SIGINT interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, action: str = "checkpointing and handing the unit back"):
+        self.action = action
         self.event = threading.Event()
         self.received: str | None = None
         self._previous: dict = {}
@@ -159,7 +160,7 @@ class StopSignals:
         if self.event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
-        log.info("%s received: checkpointing and handing the unit back (Ctrl-C again to quit at once)", self.received)
+        log.info("%s received: %s (Ctrl-C again to quit at once)", self.received, self.action)
         self.event.set()
 
 

@@ -54,7 +54,7 @@ def aggregate(
         sample_steps=sample_steps,
         summary=summary,
     )
-    with StopSignals() as signals:
+    with StopSignals("stopping after this pass") as signals:
         result = run_aggregator(config, stop=signals.event)
     if as_json:
         output.print_json(result)

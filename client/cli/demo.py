@@ -46,7 +46,10 @@ def demo(
     def log(line: str) -> None:
         output.stderr.print(line, markup=False, highlight=False)
 
-    summary = run_demo(config, log)
+    from isles.client.join import StopSignals
+
+    with StopSignals("stopping the demo's processes") as signals:
+        summary = run_demo(config, log, stop=signals.event)
     if as_json:
         output.print_json(summary)
         return
