@@ -81,6 +81,10 @@ class RouterRecipe(Record):
     """How to train the router (a classifier of noisy inputs over the K clusters)."""
 
     preset: StrictStr
+    # r(x_t, t, c) when the data has labels: k-means clusters mix classes, so the router must see the class asked for.
+    class_conditional: StrictBool = True
+    # Train on at most this many items of each shard (None: all); the router costs a few % of the experts' FLOPs.
+    items_per_shard: PositiveInt | None = None
     steps: PositiveInt
     global_batch: PositiveInt
     lr: StrictFloat

@@ -222,10 +222,6 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
         seed=config.seed,
         # Class-aware router r(x_t, t, c) when the data has labels: k-means clusters mix classes.
         class_conditional=num_classes is not None,
-        num_classes=num_classes,
-        channels=channels,
-        resolution=height,
-        num_experts=k,
     )
     shards = [
         ShardRef(

@@ -62,7 +62,7 @@ def test_partition_digits_writes_shards_store_and_manifest(tmp_path):
     assert sum(s.items for s in manifest.shards) == 1797
     assert [e.objective for e in manifest.experts] == ["ddpm", "fm", "fm", "fm"]
     assert manifest.experts[0].num_classes == 10 and manifest.experts[0].steps == 50
-    assert manifest.router.class_conditional is True and manifest.router.num_experts == 4
+    assert manifest.router.class_conditional is True and len(manifest.units) == 5
     store = open_store(manifest.store)
     seen_labels = []
     for c, ref in enumerate(manifest.shards):
