@@ -22,6 +22,11 @@ from .swarm import Signed, Swarm, dht_time
 
 logger = logging.getLogger(__name__)
 
+# Claims are self-reported: a claim may live at most this long past its own heartbeat, and may not be dated in the
+# future, so one peer cannot hold a unit for years with a single write.
+MAX_TTL_PERIOD = 3600.0
+MAX_CLOCK_SKEW = 3.0  # hivemind's MAX_DHT_TIME_DISCREPANCY_SECONDS
+
 
 @dataclass(frozen=True)
 class LeaseSettings:
@@ -32,6 +37,8 @@ class LeaseSettings:
     def __post_init__(self):
         if not 0 < self.heartbeat_period < self.ttl_period:
             raise ValueError("the heartbeat period must be positive and shorter than the lease TTL")
+        if self.ttl_period > MAX_TTL_PERIOD:
+            raise ValueError(f"the lease TTL cannot exceed {MAX_TTL_PERIOD:.0f} s")
         if self.settle_period < 0:
             raise ValueError("the settle period cannot be negative")
 
@@ -42,7 +49,14 @@ def rendezvous_rank(units: Iterable[str], peer_id: str) -> list[str]:
 
 
 def live_claims(entries: list[Signed], now: float) -> list[Signed]:
-    return [e for e in entries if e.record.state == "claimed" and e.expiration_time > now]
+    def plausible(e: Signed) -> bool:
+        c = e.record
+        return (
+            c.claimed_time <= c.heartbeat_time <= now + MAX_CLOCK_SKEW
+            and e.expiration_time <= c.heartbeat_time + MAX_TTL_PERIOD
+        )
+
+    return [e for e in entries if e.record.state == "claimed" and e.expiration_time > now and plausible(e)]
 
 
 def owner_of(entries: list[Signed], now: float) -> Signed | None:

@@ -11,9 +11,9 @@ from conftest import wait_for
 from test_records import LOOPBACK, make_manifest, start_peers
 
 from isles.protocol.dht import DHTConfig, open_dht
-from isles.protocol.leases import LeaseManager, LeaseSettings, rendezvous_rank
-from isles.protocol.records import CheckpointPointer
-from isles.protocol.swarm import Swarm, dht_time
+from isles.protocol.leases import LeaseManager, LeaseSettings, owner_of, rendezvous_rank
+from isles.protocol.records import CheckpointPointer, Claim
+from isles.protocol.swarm import Signed, Swarm, dht_time
 from isles.protocol.swarm_view import read_run
 
 FAST = LeaseSettings(ttl_period=4.0, heartbeat_period=1.0, settle_period=1.0)
@@ -52,6 +52,21 @@ def test_rendezvous_ranking_differs_between_peers_and_is_stable():
     assert rendezvous_rank(units, "peer-1") == rendezvous_rank(list(reversed(units)), "peer-1")
     with pytest.raises(ValueError):
         LeaseSettings(ttl_period=5, heartbeat_period=10)
+
+
+def test_forged_claims_do_not_hold_a_unit():
+    """Claims are self-reported: one dated in the future or written to live for years must not own the unit."""
+    now = 1_000_000.0
+
+    def entry(peer: str, claimed: float, heartbeat: float, expires: float) -> Signed:
+        claim = Claim(run_id="r", unit="expert-0", peer_id=peer, claimed_time=claimed, heartbeat_time=heartbeat)
+        return Signed(record=claim, subkey=peer.encode(), expiration_time=expires)
+
+    honest = entry("honest", now - 5, now - 1, now + 59)
+    forever = entry("forever", 0.0, 0.0, now + 10 * 365 * 86400)  # one write dated 1970, expiring in ten years
+    future = entry("future", now - 100, now + 3600, now + 3660)  # heartbeat from the future
+    assert owner_of([honest, forever, future], now) is honest
+    assert owner_of([entry("early", now - 10, now - 2, now + 58), honest], now).record.peer_id == "early"
 
 
 @pytest.mark.parametrize("swarms", [12], indirect=True)
