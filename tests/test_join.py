@@ -102,7 +102,9 @@ def test_sigkilled_volunteer_is_resumed_from_its_last_pushed_checkpoint(bootstra
     wait_for(lambda: LeaseManager(swarm, manifest.run_id).owner(unit) is None, 60, message="the lease to lapse")
     second = _join(spawn, peer, manifest, tmp_path, "second", *lease)
     assert second.wait(240) == 0, read_log(second)
-    releases = swarm.get_releases(manifest.run_id, unit)
+    releases = wait_for(
+        lambda: swarm.get_releases(manifest.run_id, unit), 30, message=f"a release\n{read_log(second)}"
+    )
     assert len(releases) == 1, read_log(second)
     release = releases[0]
     assert release.volunteer == "second"
@@ -126,7 +128,8 @@ def test_sigterm_hands_the_unit_back_at_once(bootstrap, spawn, tmp_path):
     assert proc.wait(60) == 0, read_log(proc)
     log = read_log(proc)
     assert "handed back" in log and "Traceback" not in log
-    assert LeaseManager(swarm, manifest.run_id).owner(unit) is None  # withdrawn, well before the 120 s TTL
+    # Withdrawn: free within seconds, well before the 120 s TTL.
+    wait_for(lambda: LeaseManager(swarm, manifest.run_id).owner(unit) is None, 10, message="the withdrawal")
     last = swarm.latest_checkpoint(manifest.run_id, unit)
     assert last is not None and last.step >= pointer.step
     assert f"stopped {unit} at step {last.step}" in log  # the checkpoint of the very step it stopped at was pushed
@@ -234,7 +237,11 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
         env=env,
     )
     assert proc.wait(240) == 0, read_log(proc)
-    released = [r for unit in manifest.units for r in swarm.get_releases(manifest.run_id, unit)]
+    released = wait_for(
+        lambda: [r for unit in manifest.units for r in swarm.get_releases(manifest.run_id, unit)],
+        30,
+        message="release",
+    )
     assert len(released) == 1 and released[0].repo.startswith("alice/"), read_log(proc)
     agg = subprocess.run(
         ISLES
