@@ -8,6 +8,7 @@ SIGINT / SIGTERM: checkpoint, push, withdraw the lease, return (a clean hand-off
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -288,20 +289,29 @@ class Volunteer:
                     step=p.step, loss=p.loss, samples_per_s=p.samples_per_s, eta_s=p.eta_s, peers=self.peers_online
                 )
 
+            pusher = Pusher()  # uploads run beside training; a newer checkpoint replaces one still waiting
+
             def on_checkpoint(path: Path, step: int) -> None:
                 if step < recipe.steps and step > 0:
-                    self._push_checkpoint(lease, path, step, recipe.steps)
+                    staging = self._stage_checkpoint(path, step)
+                    pusher.submit(
+                        lambda: self._push_checkpoint(lease, staging, step, recipe.steps),
+                        lambda: shutil.rmtree(staging, ignore_errors=True),
+                    )
 
-            result = train(
-                task,
-                recipe,
-                unit_dir,
-                device=self.machine.device,
-                micro_batch=c.micro_batch,
-                progress=progress,
-                on_checkpoint=on_checkpoint,
-                should_stop=lambda: self.stop.is_set() or lease.lost.is_set(),
-            )
+            try:
+                result = train(
+                    task,
+                    recipe,
+                    unit_dir,
+                    device=self.machine.device,
+                    micro_batch=c.micro_batch,
+                    progress=progress,
+                    on_checkpoint=on_checkpoint,
+                    should_stop=lambda: self.stop.is_set() or lease.lost.is_set(),
+                )
+            finally:
+                pusher.close()  # the last checkpoint (e.g. the one written on SIGTERM) is pushed before we go on
             if lease.lost.is_set():
                 self.display.event(f"lost {unit} to an earlier claim; dropping it")
                 return UnitOutcome(unit, "lost", result.step, resumed_from)
@@ -383,21 +393,31 @@ class Volunteer:
                 shutil.rmtree(staging, ignore_errors=True)
         return local_step or None
 
-    def _push_checkpoint(self, lease, path: Path, step: int, steps: int) -> None:
+    def _stage_checkpoint(self, path: Path, step: int) -> Path:
+        """Hard-link (or copy) the checkpoint's file(s) into a folder of their own: the trainer may prune the originals
+        while the upload runs in the background."""
+        staging = path.parent.parent / f"push-{step:09d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        parts = [path] if path.is_dir() else list(path.parent.glob(f"{path.stem}.*"))  # companions of one name too
+        for part in parts:
+            if part.is_dir():
+                shutil.copytree(part, staging / part.name)
+                continue
+            try:
+                os.link(part, staging / part.name)
+            except OSError:
+                shutil.copy2(part, staging / part.name)
+        return staging
+
+    def _push_checkpoint(self, lease, staging: Path, step: int, steps: int) -> None:
+        """Publish a staged checkpoint and point the swarm at it (runs on the pusher thread)."""
         from isles.protocol.artifacts import folder_files
         from isles.protocol.records import CheckpointPointer
         from isles.protocol.swarm import dht_time
 
         m = self.manifest
-        staging = path.parent.parent / "push"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         try:
-            if path.is_dir():
-                shutil.copytree(path, staging / path.name)
-            else:  # the checkpoint file and any companion files of the same name (e.g. .json beside .safetensors)
-                for part in path.parent.glob(f"{path.stem}.*"):
-                    shutil.copy2(part, staging / part.name)
             repo = qualified(self.store, f"{m.run_id}-{lease.unit}-checkpoints")
             revision = self.store.publish(repo, staging, kind="model", message=f"{lease.unit} step {step}")
             pointer = CheckpointPointer(
@@ -413,7 +433,7 @@ class Volunteer:
             )
             self.swarm.put_checkpoint(pointer)
             self.display.event(f"pushed the checkpoint of {lease.unit} at step {step}")
-        except IslesError as exc:  # a failed push loses at most one period of work; training goes on
+        except Exception as exc:  # a failed push loses at most one period of work; training goes on
             log.warning("could not push the checkpoint of %s at step %d: %s", lease.unit, step, exc)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -478,6 +498,47 @@ class Volunteer:
                 pass
             if self.stop.wait(self.config.heartbeat_period):
                 return
+
+
+class Pusher:
+    """One background worker for checkpoint uploads: at most one upload running and one waiting (the newest)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._waiting: tuple | None = None  # (push, discard)
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="checkpoint-pusher", daemon=True)
+        self._thread.start()
+
+    def submit(self, push, discard) -> None:
+        with self._cv:
+            if self._waiting is not None:
+                self._waiting[1]()  # superseded before it started: a newer checkpoint is on its way
+            self._waiting = (push, discard)
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._waiting is None and not self._closed:
+                    self._cv.wait()
+                if self._waiting is None:
+                    return
+                job, self._waiting, self._busy = self._waiting, None, True
+            try:
+                job[0]()
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def close(self) -> None:
+        """Finish the running and the waiting upload, then stop the worker."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
 
 
 def shard_stores(run_store_uri: str, own_store, token: str | None) -> list:
