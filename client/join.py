@@ -310,6 +310,9 @@ class Volunteer:
                     on_checkpoint=on_checkpoint,
                     should_stop=lambda: self.stop.is_set() or lease.lost.is_set(),
                 )
+            except KeyboardInterrupt:  # a second Ctrl-C: leave at once, without waiting for uploads
+                pusher.abandon()
+                raise
             finally:
                 pusher.close()  # the last checkpoint (e.g. the one written on SIGTERM) is pushed before we go on
             if lease.lost.is_set():
@@ -506,8 +509,8 @@ class Pusher:
     def __init__(self):
         self._cv = threading.Condition()
         self._waiting: tuple | None = None  # (push, discard)
-        self._busy = False
         self._closed = False
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="checkpoint-pusher", daemon=True)
         self._thread.start()
 
@@ -525,20 +528,25 @@ class Pusher:
                     self._cv.wait()
                 if self._waiting is None:
                     return
-                job, self._waiting, self._busy = self._waiting, None, True
-            try:
-                job[0]()
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()
+                job, self._waiting = self._waiting, None
+            job[0]()
 
     def close(self) -> None:
-        """Finish the running and the waiting upload, then stop the worker."""
+        """Finish the running and the waiting upload, then stop the worker (at once after `abandon`)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+            if self._abandoned:
+                return
         self._thread.join()
+
+    def abandon(self) -> None:
+        """Drop the waiting upload and do not wait for the running one."""
+        with self._cv:
+            if self._waiting is not None:
+                self._waiting[1]()
+            self._waiting, self._closed, self._abandoned = None, True, True
+            self._cv.notify_all()
 
 
 def shard_stores(run_store_uri: str, own_store, token: str | None) -> list:

@@ -283,3 +283,19 @@ def _accept_model_cards(server) -> None:
         return route(self, method, path, query, body)
 
     handler._route = _route
+
+
+def test_checkpoint_pusher_keeps_only_the_newest_waiting_upload():
+    import threading
+
+    from isles.client.join import Pusher
+
+    gate, ran, discarded = threading.Event(), [], []
+    pusher = Pusher()
+    pusher.submit(lambda: (gate.wait(10), ran.append(1)), lambda: discarded.append(1))
+    wait_for(lambda: not pusher._waiting, 10, message="the first upload to start")
+    pusher.submit(lambda: ran.append(2), lambda: discarded.append(2))
+    pusher.submit(lambda: ran.append(3), lambda: discarded.append(3))  # supersedes 2 before it started
+    gate.set()
+    pusher.close()  # waits for the running and the waiting upload
+    assert ran == [1, 3] and discarded == [2]
