@@ -186,6 +186,11 @@ class DHTNode:
     def shutdown(self) -> None:
         with self._send_lock:
             self.dht.shutdown()
+            # The DHT process ignores SIGINT/SIGTERM (see open_dht), so hivemind's "hard way" (SIGTERM) cannot stop
+            # it when its daemon is already gone (a Ctrl-C reaches the whole process group): SIGKILL it instead.
+            if self.dht.is_alive():
+                self.dht.kill()
+                self.dht.join(5)
 
     def __enter__(self) -> DHTNode:
         return self
@@ -219,10 +224,13 @@ def open_dht(config: DHTConfig) -> DHTNode:
     )
     if config.announce_maddrs:
         kwargs["announce_maddrs"] = list(config.announce_maddrs)
-    # The DHT process and its p2p daemon are forked now and would get a terminal's Ctrl-C (sent to the whole process
-    # group) and die before we could withdraw our leases: they inherit SIGINT ignored; we handle it and shut them down.
+    # The DHT process and its p2p daemon are forked now and would get a terminal's Ctrl-C or a SIGTERM sent to the
+    # whole process group and die before we could withdraw our leases: they inherit both ignored (and not a handler
+    # of ours, which would swallow the signal in the child); we handle them here and shut the DHT down.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    previous = (
+        {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    )
     try:
         dht = hivemind.DHT(start=True, **kwargs)
     except P2PDaemonError as exc:
@@ -234,8 +242,8 @@ def open_dht(config: DHTConfig) -> DHTNode:
     except ValueError as exc:  # e.g. port 0 in announce_maddrs
         raise IslesError(f"cannot start the DHT: {exc}", hint="check --host-maddrs and --announce-maddrs") from None
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return DHTNode(dht, identity, config)
 
 

@@ -5,6 +5,7 @@ swarm table and JSON, and one-line errors with hints for bad arguments. Run: pyt
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -108,7 +109,7 @@ def test_second_bootstrap_node_backs_up_the_first(bootstrap, spawn, tmp_path):
         message="the second join line",
     )
     assert second.poll() is None and f"adopting run {manifest.run_id}" in read_log(second), read_log(second)
-    first.send_signal(signal.SIGINT)  # Ctrl-C
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group: DHT process, daemon too
     assert first.wait(timeout=30) == 0, read_log(first)
 
     listed = isles("status", "--peers", found.group(1), "--json")

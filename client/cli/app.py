@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="isles", standalone_mode=False)
+        rc = command.main(args=argv, prog_name="isles", standalone_mode=False)
     except IslesError as exc:
         if debug:
             logging.getLogger("isles").exception("failed")
@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(f"{type(exc).__name__}: {exc}", "run again with --debug for the traceback, and report it")
+    # Without standalone mode, typer turns a KeyboardInterrupt into a returned exit code instead of raising it.
+    if isinstance(rc, int) and rc:
+        if rc == 130:
+            output.stderr.print("Interrupted.")
+        sys.exit(rc)
 
 
 def _fail(message: str, hint: str | None) -> None:
