@@ -286,16 +286,18 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in result["curve"].items():
-        arr = np.asarray(points, dtype=np.float64)  # [seeds, P, 2]
+    # The monolith first and in the same colour in every plot (JSON round trips sort the keys).
+    names = sorted(result["curve"], key=lambda name: (name != "monolith", name))
+    for color, name in zip(("tab:blue", "tab:orange", "tab:green"), names, strict=False):
+        arr = np.asarray(result["curve"][name], dtype=np.float64)  # [seeds, P, 2]
         flops, fid = arr[..., 0].mean(0), arr[..., 1]
         ax.errorbar(flops, fid.mean(0), yerr=fid.std(0, ddof=1) if len(fid) > 1 else None, marker="o", capsize=3,
-                    label=name.replace("_", " "))  # fmt: skip
+                    color=color, label=name.replace("_", " "))  # fmt: skip
     ax.axhline(result["fid_floor"], color="gray", linestyle="--", label="real vs real (floor)")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(f"FID (n={result['config']['n']}, classifier features)")
     ax.set_yscale("log")
-    ax.set_title("iso-FLOP: monolith vs ensemble")
+    ax.set_title(f"iso-FLOP: monolith vs {result['config']['experts']}-expert ensemble")
     ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
