@@ -1,10 +1,10 @@
 """The aggregator behind `isles aggregate`: verify every release of a run, keep one per unit, publish the ensemble.
 
 A release is accepted when its files match their sha256, its config matches the manifest's recipe, its weights are
-finite, and its loss on the shard's held-out split is below `max_val_loss_fraction` (default 0.6) of an untrained
-model's (the router: 0.8 of an untrained router's cross-entropy); a reported val loss that disagrees with ours by more
-than the manifest's `eval.val_loss_threshold` (a fraction) is refused too. Everything is deterministic (fixed noise,
-CPU), so a restarted aggregator rebuilds the same state from the DHT and the store and publishes the same revision.
+finite, and its loss on the shard's held-out split is below the manifest's `eval.max_val_loss_fraction` of an untrained
+model's (the router: `max_router_loss_fraction` of an untrained router's cross-entropy); a reported val loss that
+disagrees with ours by more than `eval.val_loss_tolerance` (a fraction) is refused too. Everything is deterministic
+(fixed noise, CPU), so a restarted aggregator rebuilds the same state from the DHT and the store: the same revision.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from .join import SwarmOptions, pull_shard, shard_stores
 
 log = logging.getLogger("isles.aggregate")
 
-DEFAULT_EXPERT_FRACTION = 0.6  # measured on digits: honest unet-tiny after 150 steps ~0.3, trained on noise ~0.85
-DEFAULT_ROUTER_FRACTION = 0.8
 REQUIRED = {
     "expert": ("config.json", "diffusion_pytorch_model.safetensors"),
     "router": ("config.json", "model.safetensors"),
@@ -203,7 +201,7 @@ class Aggregator:
                 threshold,
                 folder,
             )
-        tolerance = float(m.eval.val_loss_threshold)
+        tolerance = m.eval.val_loss_tolerance
         if release.val_loss is not None and abs(release.val_loss - val_loss) > tolerance * max(val_loss, 1e-8):
             return Verdict(
                 False,
@@ -217,9 +215,7 @@ class Aggregator:
 
     def _fraction(self, kind: str) -> float:
         ev = self.manifest.eval
-        if kind == "router":
-            return float(getattr(ev, "max_router_loss_fraction", DEFAULT_ROUTER_FRACTION))
-        return float(getattr(ev, "max_val_loss_fraction", DEFAULT_EXPERT_FRACTION))
+        return ev.max_router_loss_fraction if kind == "router" else ev.max_val_loss_fraction
 
     def _check_config(self, unit: str, folder: Path) -> str | None:
         m = self.manifest
@@ -234,7 +230,7 @@ class Aggregator:
 
             r = m.router
             c, res = m.experts[0].channels, m.experts[0].resolution
-            num_classes = m.experts[0].num_classes if getattr(r, "class_conditional", True) else None
+            num_classes = m.experts[0].num_classes if r.class_conditional else None
             expected = asdict(router_config(r.preset, len(m.shards), c, res, num_classes))
         else:
             from isles.experts.presets import model_config
@@ -407,13 +403,13 @@ def _provenance(acc: Accepted) -> dict:
     r = acc.release
     return {
         "unit": r.unit,
-        "trained_by": getattr(r, "volunteer", None) or r.token.owner,
+        "trained_by": r.volunteer or r.token.owner,
         "peer_id": r.token.owner,
         "attempt": r.token.attempt,
         "repo": r.repo,
         "revision": r.revision,
         "steps": r.steps,
-        "resumed_from_step": getattr(r, "resumed_from_step", None),
+        "resumed_from_step": r.resumed_from_step,
         "wall_s": r.wall_period,
         "hardware": r.hardware,
         "flops": r.flops,

@@ -596,7 +596,10 @@ def make_router_task(manifest, shards: dict):
     from isles.router.router_task import RouterTask
 
     recipe = manifest.router
-    conditional = bool(getattr(recipe, "class_conditional", True))
     return RouterTask(
-        [shards[i] for i in sorted(shards)], preset=recipe.preset, conditional=conditional, recipe=recipe.dict()
+        [shards[i] for i in sorted(shards)],
+        preset=recipe.preset,
+        conditional=recipe.class_conditional,
+        max_items_per_shard=recipe.items_per_shard,
+        recipe=recipe.dict(),
     )

@@ -96,7 +96,12 @@ class RouterRecipe(Record):
 class EvalRecipe(Record):
     """How the aggregator checks a release: its validation loss must be within this fraction of the expected one."""
 
-    val_loss_threshold: StrictFloat = 0.1
+    # A release's held-out loss must be below this fraction of an untrained model's (measured on digits: an honest
+    # unet-tiny after 150 steps ~0.3, one trained on noise ~0.85); the router's cross-entropy likewise.
+    max_val_loss_fraction: StrictFloat = 0.6
+    max_router_loss_fraction: StrictFloat = 0.8
+    # The loss a release reports may differ from the aggregator's own measurement by at most this fraction.
+    val_loss_tolerance: StrictFloat = 0.1
     num_samples: NonNegInt = 0
     sample_steps: PositiveInt = 50
 
@@ -242,6 +247,8 @@ class Release(Record):
     hardware: StrictStr = ""
     wall_period: StrictFloat = 0.0
     released_time: StrictFloat
+    resumed_from_step: NonNegInt | None = None  # where training picked up another attempt's checkpoint, if it did
+    volunteer: StrictStr = ""  # the volunteer's display name, for the model card
 
 
 PresenceState = Literal["JOINING", "TRAINING", "IDLE", "OFFLINE"]
