@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 
 @dataclass
@@ -63,8 +64,8 @@ def _table(p: Progress, events: list[str]) -> Table:
     table.add_row("samples/s", "-" if p.samples_per_s is None else f"{p.samples_per_s:.1f}")
     table.add_row("ETA", format_duration(p.eta_s))
     table.add_row("peers online", "-" if p.peers is None else str(p.peers))
-    for line in events[-4:]:
-        table.add_row("", f"[dim]{line}[/dim]")
+    for line in events[-4:]:  # events quote other peers' records: never parse them as markup
+        table.add_row("", Text(line, style="dim"))
     return table
 
 
@@ -107,7 +108,7 @@ class TrainingDisplay:
         """A one-off line (claimed, resumed, pushed, released); always printed, also kept in the live panel."""
         self._events.append(text)
         if self._live is not None:
-            self._live.console.print(text)
+            self._live.console.print(text, markup=False, highlight=False)
             self._live.update(_table(self.progress, self._events))
         else:
             self._print(text)

@@ -155,6 +155,21 @@ def test_plain_progress_lines_when_not_a_terminal():
     ]
 
 
+def test_live_panel_shows_other_peers_text_verbatim():
+    """Events quote peer ids and records other peers wrote: rich markup in them must be shown, not parsed."""
+    import io
+
+    from rich.console import Console
+
+    from isles.client.display import TrainingDisplay
+
+    buffer = io.StringIO()
+    with TrainingDisplay(Console(file=buffer, width=200, force_terminal=True), plain=False) as display:
+        display.event("resumed from [/x] peer [bold]Qm[/bold] at step 40")
+        display.update(unit="expert-0", step=41, steps=100)
+    assert "[/x] peer [bold]Qm[/bold]" in buffer.getvalue()
+
+
 def test_machine_check_says_what_fits(tmp_path):
     from isles.client.machine import check_machine, param_count, require_fit
     from isles.protocol.errors import IslesError
