@@ -19,7 +19,7 @@ from pathlib import Path
 
 from isles.protocol.errors import IslesError
 
-from .join import SwarmOptions, pull_shard, shard_stores
+from .run_access import SwarmOptions, pull_shard, shard_stores
 
 log = logging.getLogger("isles.aggregate")
 
@@ -265,7 +265,7 @@ class Aggregator:
     def _task(self, unit: str):
         m = self.manifest
         if unit == "router":
-            from .join import make_router_task
+            from .run_access import make_router_task
 
             return make_router_task(m, {i: self._shard(i) for i in range(len(m.shards))})
         from isles.experts.expert import ExpertTask
@@ -463,7 +463,7 @@ def run_aggregator(config: AggregateConfig, stop: threading.Event | None = None)
     """Join the swarm, then poll until stopped (or once / until complete); returns the summary."""
     from isles.protocol.artifacts import open_store
 
-    from .join import find_manifest, open_swarm
+    from .run_access import find_manifest, open_swarm
 
     stop = stop or threading.Event()
     node, swarm = open_swarm(config.swarm)

@@ -10,30 +10,27 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from isles.protocol.errors import IslesError
 
 from .display import TrainingDisplay
+from .handoff import Pusher
+from .run_access import (
+    SwarmOptions,
+    find_manifest,
+    make_router_task,
+    open_swarm,
+    pull_shard,
+    qualified,
+    released_units,
+    shard_stores,
+)
 
 log = logging.getLogger("isles.join")
 VERSION = "0.1.0"
-
-
-@dataclass(frozen=True)
-class SwarmOptions:
-    """How a client joins the DHT (shared by `join` and `aggregate`)."""
-
-    peers: tuple[str, ...]
-    identity: Path | None = None
-    client_mode: bool = True  # outbound only unless told this peer is reachable
-    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
-    announce_maddrs: tuple[str, ...] = ()
-    startup_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -64,105 +61,6 @@ class UnitOutcome:
     resumed_from_step: int | None = None
     revision: str | None = None
     metrics: dict = field(default_factory=dict)
-
-
-# --- joining the swarm and finding the run (also used by the aggregator) -------------------------------------------
-
-
-def open_swarm(options: SwarmOptions):
-    """A DHT peer with isles' validators and the typed `Swarm` over it."""
-    from isles.protocol.dht import DHTConfig, open_dht, parse_multiaddr
-    from isles.protocol.swarm import Swarm
-
-    if not options.peers:
-        raise IslesError("no peers given", hint="pass --peers with the address `isles bootstrap` printed")
-    config = DHTConfig(
-        initial_peers=tuple(parse_multiaddr(p) for p in options.peers),
-        host_maddrs=options.host_maddrs,
-        announce_maddrs=options.announce_maddrs,
-        client_mode=options.client_mode,
-        identity_dir=options.identity,
-        startup_timeout=options.startup_timeout,
-    )
-    # The DHT forks a process that starts the p2p daemon: with SIGINT ignored meanwhile, both inherit that, so a
-    # Ctrl-C on the terminal (sent to the whole process group) reaches only us and we can still withdraw our lease.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        node = open_dht(config)
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-    return node, Swarm(node)
-
-
-def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Event | None = None):
-    """The run's manifest from the DHT; without `run_id`, the swarm's only run. Waits up to `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if run_id:
-            manifest = swarm.get_manifest(run_id)
-            if manifest is not None:
-                return manifest
-        else:
-            runs = swarm.list_runs()
-            if len(runs) == 1:
-                manifest = swarm.get_manifest(runs[0].run_id)
-                if manifest is not None:
-                    return manifest
-            elif len(runs) > 1:
-                listing = "; ".join(f"{r.run_id} ({r.name}, {r.units} units)" for r in runs)
-                raise IslesError(f"the swarm has {len(runs)} open runs: {listing}", hint="choose one with --run ID")
-        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
-            what = f"run {run_id}" if run_id else "any run"
-            raise IslesError(
-                f"found no manifest for {what} in the swarm after {timeout:.0f}s",
-                hint="check the run id with `isles status --peers ...`; the bootstrap node must be started with "
-                "--manifest FILE to publish it",
-            )
-        time.sleep(1.0)
-
-
-def released_units(swarm, manifest) -> dict[str, list]:
-    """Units with at least one release the aggregator has not rejected (a rejected unit is open again)."""
-    rejected = {(r.unit, r.token.attempt, r.token.owner, r.revision) for r in swarm.get_rejections(manifest.run_id)}
-    released = {}
-    for unit in manifest.units:
-        good = [
-            r
-            for r in swarm.get_releases(manifest.run_id, unit)
-            if (unit, r.token.attempt, r.token.owner, r.revision) not in rejected
-        ]
-        if good:
-            released[unit] = good
-    return released
-
-
-class StopSignals:
-    """SIGINT / SIGTERM set `event` (a clean hand-off follows); a second SIGINT interrupts at once."""
-
-    def __init__(self, action: str = "checkpointing and handing the unit back"):
-        self.action = action
-        self.event = threading.Event()
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        log.info("%s received: %s (Ctrl-C again to quit at once)", self.received, self.action)
-        self.event.set()
 
 
 # --- the volunteer ------------------------------------------------------------------------------------------------
@@ -503,103 +401,5 @@ class Volunteer:
                 return
 
 
-class Pusher:
-    """One background worker for checkpoint uploads: at most one upload running and one waiting (the newest)."""
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._waiting: tuple | None = None  # (push, discard)
-        self._closed = False
-        self._abandoned = False
-        self._thread = threading.Thread(target=self._run, name="checkpoint-pusher", daemon=True)
-        self._thread.start()
-
-    def submit(self, push, discard) -> None:
-        with self._cv:
-            if self._waiting is not None:
-                self._waiting[1]()  # superseded before it started: a newer checkpoint is on its way
-            self._waiting = (push, discard)
-            self._cv.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while self._waiting is None and not self._closed:
-                    self._cv.wait()
-                if self._waiting is None:
-                    return
-                job, self._waiting = self._waiting, None
-            job[0]()
-
-    def close(self) -> None:
-        """Finish the running and the waiting upload, then stop the worker (at once after `abandon`)."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-            if self._abandoned:
-                return
-        self._thread.join()
-
-    def abandon(self) -> None:
-        """Drop the waiting upload and do not wait for the running one."""
-        with self._cv:
-            if self._waiting is not None:
-                self._waiting[1]()
-            self._waiting, self._closed, self._abandoned = None, True, True
-            self._cv.notify_all()
-
-
-def shard_stores(run_store_uri: str, own_store, token: str | None) -> list:
-    """Where shards may be pulled from, in order: the run's store, then ours (a mirror, e.g. a shared folder)."""
-    from isles.protocol.artifacts import open_store
-
-    stores = []
-    try:
-        stores.append(open_store(run_store_uri, token=token))
-    except IslesError as exc:
-        log.warning("cannot open the run's store %s (%s); using %s", run_store_uri, exc.message, own_store.uri)
-    if not stores or stores[0].uri != own_store.uri:
-        stores.append(own_store)
-    return stores
-
-
-def pull_shard(stores: list, ref, dest: Path) -> Path:
-    """Pull one shard, verified against the manifest's sha256, from the first store that has it."""
-    from isles.protocol.artifacts import IntegrityError
-
-    error: IslesError | None = None
-    for store in stores:
-        try:
-            return store.pull_file(ref.repo, ref.revision, ref.path, dest, ref.sha256, kind="dataset")
-        except IntegrityError:
-            raise
-        except IslesError as exc:
-            error = exc
-    raise IslesError(
-        f"cannot pull shard {ref.path} ({ref.repo}@{ref.revision[:12]}): {error.message if error else 'no store'}",
-        hint="pass --store with a store that holds the run's shards (the run owner's hf://<namespace> or folder)",
-    )
-
-
-def qualified(store, repo: str) -> str:
-    """`namespace/repo` on the Hub, so readers using another namespace (the run's store) still find it."""
-    namespace = getattr(store, "namespace", "")
-    return f"{namespace}/{repo}" if namespace and "/" not in repo else repo
-
-
 def _float(value) -> float | None:
     return None if value is None else float(value)
-
-
-def make_router_task(manifest, shards: dict):
-    """The router's trainer task over every shard, as the manifest's router recipe says (router/router_task.py)."""
-    from isles.router.router_task import RouterTask
-
-    recipe = manifest.router
-    return RouterTask(
-        [shards[i] for i in sorted(shards)],
-        preset=recipe.preset,
-        conditional=recipe.class_conditional,
-        max_items_per_shard=recipe.items_per_shard,
-        recipe=recipe.dict(),
-    )

@@ -100,7 +100,7 @@ def _release(swarm, manifest, unit: str, folder, *, attempt: int, val_loss=None,
 
 def _aggregator(run, work_dir):
     from isles.client.aggregate import AggregateConfig, Aggregator
-    from isles.client.join import SwarmOptions, open_swarm
+    from isles.client.run_access import SwarmOptions, open_swarm
     from isles.protocol.artifacts import open_store
 
     m = run["manifest"]
@@ -115,7 +115,7 @@ def _aggregator(run, work_dir):
 def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensemble(swarm_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from isles.client.join import make_router_task
+    from isles.client.run_access import make_router_task
 
     run, m = swarm_run, swarm_run["manifest"]
     vol = run["volunteer"]
@@ -172,7 +172,7 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
 
         stored = wait_for(lambda: len(stored_reasons()) == 4 and stored_reasons(), 60, message="rejection records")
         assert "non-finite weights" in stored[("expert-0", nan.token.attempt)]
-        from isles.client.join import released_units
+        from isles.client.run_access import released_units
 
         wait_for(lambda: sorted(released_units(agg.swarm, m)) == ["expert-0", "router"], 60, message="open units")
         first = agg.published

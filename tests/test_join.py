@@ -288,7 +288,7 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
 def test_checkpoint_pusher_keeps_only_the_newest_waiting_upload():
     import threading
 
-    from isles.client.join import Pusher
+    from isles.client.handoff import Pusher
 
     gate, ran, discarded = threading.Event(), [], []
     pusher = Pusher()

@@ -12,8 +12,9 @@ import uuid
 
 import numpy as np
 import pytest
-from isles.protocol.artifacts import IntegrityError, folder_files, open_store
 from safetensors.numpy import load_file, save_file
+
+from isles.protocol.artifacts import IntegrityError, folder_files, open_store
 
 pytestmark = pytest.mark.hub
 

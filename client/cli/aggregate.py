@@ -39,7 +39,7 @@ def aggregate(
     from the DHT and the store, and the same releases give the same ensemble revision.
     """
     from isles.client.aggregate import AggregateConfig, run_aggregator
-    from isles.client.join import StopSignals
+    from isles.client.handoff import StopSignals
 
     config = AggregateConfig(
         swarm=swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout),

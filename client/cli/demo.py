@@ -46,7 +46,7 @@ def demo(
     def log(line: str) -> None:
         output.stderr.print(line, markup=False, highlight=False)
 
-    from isles.client.join import StopSignals
+    from isles.client.handoff import StopSignals
 
     with StopSignals("stopping the demo's processes") as signals:
         summary = run_demo(config, log, stop=signals.event)

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 def swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout=30.0):
     """SwarmOptions from the shared CLI options (client/cli/options.py); the identity defaults to the persistent one in
     the user's config dir, so a restarted volunteer keeps its peer id and its claims."""
-    from isles.client.join import SwarmOptions
+    from isles.client.run_access import SwarmOptions
     from isles.protocol.identity import default_identity_dir
 
     return SwarmOptions(
@@ -56,7 +56,8 @@ def join(
 
     Ctrl-C or SIGTERM hands the current unit back cleanly (checkpoint, push, withdraw) and exits 0.
     """
-    from isles.client.join import JoinConfig, StopSignals, Volunteer
+    from isles.client.handoff import StopSignals
+    from isles.client.join import JoinConfig, Volunteer
 
     options.lease_settings(lease_ttl, heartbeat_period, settle_period)  # bad periods: one clear error line
     config = JoinConfig(
