@@ -1,16 +1,19 @@
-"""The list of command groups the `isles` app is built from; each module's `register(app)` adds its commands."""
+"""The list of command groups the `isles` app is built from; each module's `register(app)` adds its commands.
+
+The order is the order of `isles --help`: a newcomer's first command, then a volunteer's, then the run owner's.
+"""
 
 from __future__ import annotations
 
 from . import aggregate, demo, eval, join, partition, sample, swarm, train
 
 REGISTRY = [
-    swarm.register,
-    partition.register,
-    sample.register,
-    join.register,
-    aggregate.register,
     demo.register,
+    join.register,
+    swarm.register,
+    aggregate.register,
+    partition.register,
     train.register,
+    sample.register,
     eval.register,
 ]
