@@ -30,7 +30,9 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale per expert (1 = off)."),
     batch_size: int = typer.Option(250, "--batch-size", min=1, help="Samples generated at once."),
-    inception: bool = typer.Option(False, "--inception", help="Also the Inception FID (needs isles[fid])."),
+    inception: bool = typer.Option(
+        False, "--inception", help='Also the Inception FID (needs: pip install "isles\\[fid]").'
+    ),
     store: str = typer.Option(None, "--store", help="Store holding MODEL as a repo (hf://<namespace> or a folder)."),
     revision: str = typer.Option(None, "--revision", help="Revision of the repo (default: the newest)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best available)."),
