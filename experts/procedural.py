@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from isles.protocol.errors import IslesError
 
 CLASS_NAMES = (

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
 from isles.protocol.errors import IslesError
 
 from . import features as feature_net

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from isles.protocol.errors import IslesError
-from isles.protocol.files import atomic_write_bytes, canonical_json
 from torch import nn
 from torch.nn import functional as F
+
+from isles.protocol.errors import IslesError
+from isles.protocol.files import atomic_write_bytes, canonical_json
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when the architecture or training procedure changes: old cache entries are then ignored

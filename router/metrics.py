@@ -10,8 +10,9 @@ import math
 
 import numpy as np
 import torch
-from isles.protocol.errors import IslesError
 from scipy import linalg
+
+from isles.protocol.errors import IslesError
 
 # Added to both covariances: dead feature units make them singular and sqrtm unstable (the usual FID fix, scaled up
 # because our reference sets are small and our features few).

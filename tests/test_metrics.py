@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from isles.protocol.errors import IslesError
 from isles.router import features, metrics
 
@@ -176,6 +177,7 @@ def test_isles_eval_single_expert_table_and_errors(tmp_path):
     import subprocess
 
     from conftest import ISLES
+
     from isles.experts.expert import export_expert
 
     model = _tiny_ensemble(tmp_path / "ens")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from isles.experts import procedural
 from isles.protocol.errors import IslesError
 
