@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -99,7 +100,9 @@ def procedural_spec(**overrides) -> FeatureSpec:
 def data_spec(source: str, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, **overrides) -> FeatureSpec:
     """The spec of a feature network trained on given pixels (e.g. the training split of `digits`)."""
     digest = hashlib.sha256(pixels.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
-    base = FeatureSpec(source, pixels.shape[1], pixels.shape[-1], num_classes, data_sha256=digest)
+    # Small data sets (digits: ~900 training items) need many epochs to reach a few hundred optimizer steps.
+    epochs = max(FeatureSpec.epochs, math.ceil(30_000 / max(1, len(pixels))))
+    base = FeatureSpec(source, pixels.shape[1], pixels.shape[-1], num_classes, epochs=epochs, data_sha256=digest)
     return replace(base, **overrides)
 
 
