@@ -84,20 +84,6 @@ def _recipe(config: BenchConfig, steps: int, seed: int, batch: int | None = None
     )  # fmt: skip
 
 
-class CountedRouterTask(RouterTask):
-    """The router task with its training FLOPs per item, so that the trainer counts them like an expert's."""
-
-    def flops_per_sample(self) -> int:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        model = self.build_model()
-        c, h, _ = self.shards[0].shape
-        labels = torch.zeros(2, dtype=torch.long) if self.num_classes is not None else None
-        with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(2, c, h, h), torch.full((2,), 0.5), labels).sum().backward()
-        return int(counter.get_total_flops()) // 2
-
-
 class Trained:
     """One model trained in stages (stop_at_step), so it can be evaluated at fractions of its budget."""
 
@@ -143,7 +129,7 @@ def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device
     km_shards, rand_shards = _shards(data, km, k), _shards(data, rand, k)
     # 2. Iso-FLOP recipes: the experts share (1 - router_fraction) of the budget equally, in whole steps; the router
     #    gets what is left, so the two sides differ by less than one router step.
-    router_task = CountedRouterTask(km_shards, preset=config.router_preset)
+    router_task = RouterTask(km_shards, preset=config.router_preset)
     router_step_flops = router_task.flops_per_sample() * config.router_batch
     expert_steps = max(1, math.floor(budget * (1 - config.router_fraction) / (k * fps * config.batch)))
     router_steps = max(1, math.floor((budget - k * expert_steps * fps * config.batch) / router_step_flops))
@@ -204,7 +190,7 @@ def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device
     rows["hetero"] = {**row, "train_flops": sum(e.flops for e in hetero) + router.flops}
     # 5. Random sharding: the same recipe on random shards of the same sizes, with its own router.
     rand_router = Trained(
-        CountedRouterTask(rand_shards, preset=config.router_preset),
+        RouterTask(rand_shards, preset=config.router_preset),
         _recipe(config, router_steps, seed, config.router_batch), d / "rand_router", device,
     )  # fmt: skip
     rand_fm = [

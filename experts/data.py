@@ -163,9 +163,14 @@ def load_source(source: str, resolution: int | None = None, val_fraction: float 
     "digits": scikit-learn's 1,797 8x8 grayscale digits, 10 classes (ships with scikit-learn, no download).
     An image folder: every image under it, resized/cropped to `resolution` (default 32); one subfolder per class
     gives labels, a flat folder gives none. "hf:<name>[:split]": a Hugging Face data set (needs `datasets`).
+    "procedural[:N[:SEED]]": the benchmark data set (experts/procedural.py), 32x32 RGB, 18 classes.
     """
     if source == "digits":
         shard = _digits()
+    elif source == "procedural" or source.startswith("procedural:"):
+        from . import procedural
+
+        shard = procedural.load(source, resolution)
     elif source.startswith("hf:"):
         shard = _hf_dataset(source[3:], resolution or 32)
     elif Path(source).is_dir():
@@ -175,7 +180,7 @@ def load_source(source: str, resolution: int | None = None, val_fraction: float 
     else:
         raise IslesError(
             f"unknown data source {source!r}",
-            hint="use `digits`, a folder of images, or hf:<dataset name> (e.g. hf:cifar10)",
+            hint="use `digits`, `procedural[:N]`, a folder of images, or hf:<dataset name> (e.g. hf:cifar10)",
         )
     if resolution is not None and shard.items.shape[-1] != resolution and source == "digits":
         shard = replace(shard, items=_resize_uint8(shard.items, resolution))

@@ -121,7 +121,8 @@ def cluster_split(clusters: torch.Tensor, k: int, fraction: float, seed: int) ->
 
 
 def default_name(source: str) -> str:
-    base = source.rstrip("/").split("/")[-1].split(":")[-1] or "run"
+    # "hf:user/cifar10:train" -> "cifar10-train", "procedural:2000" -> "procedural-2000", "/data/faces/" -> "faces"
+    base = source.removeprefix("hf:").rstrip("/").split("/")[-1] or "run"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "run"
 
 

@@ -96,6 +96,18 @@ class RouterTask:
     def train_size(self) -> int:
         return int(self._train_x.shape[0])
 
+    def flops_per_sample(self) -> int:
+        """Training FLOPs per item (forward + backward, torch.utils.flop_counter), so the router's cost is counted
+        like an expert's: it belongs to the ensemble's side of an iso-FLOP comparison."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = self.build_model()
+        x = torch.zeros(2, *self._train_x.shape[1:])
+        labels = torch.zeros(2, dtype=torch.long) if self.num_classes is not None else None
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.full((2,), 0.5), labels).sum().backward()
+        return int(counter.get_total_flops()) // 2
+
     def make_batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x0 = self._train_x[indices]
         t = torch.rand(len(indices), generator=generator)

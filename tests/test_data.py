@@ -24,6 +24,13 @@ def test_digits_ship_with_scikit_learn_and_have_a_held_out_split():
     assert len(shard.train_split()) + len(shard.val_split()) == 1797
 
 
+def test_procedural_benchmark_set_is_a_built_in_source():
+    shard = load_source("procedural:300:7", resolution=16)
+    assert len(shard) == 300 and shard.shape == (3, 16, 16) and shard.num_classes == 18
+    assert int(shard.val_mask.sum()) == 30
+    assert torch.equal(load_source("procedural:300:7", resolution=16).items, shard.items)  # deterministic from its seed
+
+
 def test_shard_round_trip_with_sha256(tmp_path):
     shard = load_source("digits").subset(torch.arange(50))
     shard.clusters[:] = 3

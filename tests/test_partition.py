@@ -184,3 +184,11 @@ def test_hf_encoder_without_transformers_says_what_to_install(monkeypatch):
     with pytest.raises(IslesError, match="transformers") as info:
         make_encoder("clip")
     assert "isles[real]" in info.value.hint
+
+
+def test_default_run_names_come_from_the_source():
+    from isles.router.partition import default_name
+
+    assert default_name("procedural:2000") == "procedural-2000"
+    assert default_name("hf:user/cifar10:train") == "cifar10-train"
+    assert default_name("/data/faces/") == "faces" and default_name("digits") == "digits"

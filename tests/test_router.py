@@ -55,6 +55,8 @@ def test_router_trains_well_above_chance_and_reports_accuracy_per_noise_level(di
     assert metrics["chance_accuracy"] < 0.35
     assert by_t["0.05"] > 0.7  # well above chance (~0.27) on nearly clean inputs
     assert by_t["0.05"] >= by_t["0.95"] - 0.05  # no better on noise than on clean inputs
+    # The router's cost is counted like an expert's (it is on the ensemble's side of an iso-FLOP comparison).
+    assert metrics["train_flops"] == metrics["train_flops_per_sample"] * 250 * 64 > 0
     exported = tmp_path / "router" / "model"
     info = json.loads((exported / "router.json").read_text())
     assert info["num_experts"] == 4 and info["metrics"]["accuracy_by_t"] == by_t
