@@ -28,7 +28,7 @@ def test_procedural_benchmark_set_is_a_built_in_source():
     shard = load_source("procedural:300:7", resolution=16)
     assert len(shard) == 300 and shard.shape == (3, 16, 16) and shard.num_classes == 18
     assert int(shard.val_mask.sum()) == 30
-    assert torch.equal(load_source("procedural:300:7", resolution=16).items, shard.items)  # deterministic from its seed
+    assert torch.equal(load_source("procedural:300:7", resolution=16).items, shard.items)  # fixed by its seed
 
 
 def test_shard_round_trip_with_sha256(tmp_path):
