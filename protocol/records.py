@@ -61,14 +61,9 @@ class ShardRef(Record):
     cluster: NonNegInt
 
 
-class ExpertRecipe(Record):
-    """How to train the expert of one shard (every volunteer that claims the shard trains exactly this)."""
+class TrainingRecipe(Record):
+    """The optimisation every claimant of a unit runs exactly, whatever its hardware: same steps, same global batch."""
 
-    preset: StrictStr
-    objective: Literal["fm", "ddpm"] = "fm"
-    channels: PositiveInt
-    resolution: PositiveInt
-    num_classes: PositiveInt | None = None
     steps: PositiveInt
     global_batch: PositiveInt
     lr: StrictFloat
@@ -77,7 +72,17 @@ class ExpertRecipe(Record):
     seed: NonNegInt = 0
 
 
-class RouterRecipe(Record):
+class ExpertRecipe(TrainingRecipe):
+    """How to train the expert of one shard."""
+
+    preset: StrictStr
+    objective: Literal["fm", "ddpm"] = "fm"
+    channels: PositiveInt
+    resolution: PositiveInt
+    num_classes: PositiveInt | None = None
+
+
+class RouterRecipe(TrainingRecipe):
     """How to train the router (a classifier of noisy inputs over the K clusters)."""
 
     preset: StrictStr
@@ -85,16 +90,10 @@ class RouterRecipe(Record):
     class_conditional: StrictBool = True
     # Train on at most this many items of each shard (None: all); the router costs a few % of the experts' FLOPs.
     items_per_shard: PositiveInt | None = None
-    steps: PositiveInt
-    global_batch: PositiveInt
-    lr: StrictFloat
-    warmup_steps: NonNegInt = 0
-    ema_decay: StrictFloat = 0.999
-    seed: NonNegInt = 0
 
 
 class EvalRecipe(Record):
-    """How the aggregator checks a release: its validation loss must be within this fraction of the expected one."""
+    """How the aggregator checks a release's quality on the shard's held-out split."""
 
     # A release's held-out loss must be below this fraction of an untrained model's (measured on digits: an honest
     # unet-tiny after 150 steps ~0.3, one trained on noise ~0.85); the router's cross-entropy likewise.
