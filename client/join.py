@@ -166,7 +166,7 @@ class Volunteer:
                 checkpoint_every_steps=None,
                 checkpoint_every_seconds=c.checkpoint_period,
             )
-            resumed_from = self._restore_checkpoint(unit, unit_dir)
+            resumed_from = self._restore_checkpoint(unit, unit_dir, task, recipe)
             if resumed_from:
                 self.display.event(f"resuming {unit} from step {resumed_from}")
             self.display.update(
@@ -267,9 +267,15 @@ class Volunteer:
         )
         return task, recipe
 
-    def _restore_checkpoint(self, unit: str, unit_dir: Path) -> int | None:
-        """Make the newest checkpoint anyone pushed the trainer's starting point; returns its step (None: step 0)."""
+    def _restore_checkpoint(self, unit: str, unit_dir: Path, task, recipe) -> int | None:
+        """Make the newest checkpoint anyone pushed the trainer's starting point; returns its step (None: step 0).
+
+        A pushed checkpoint comes from another peer: it is installed only if it is whole and of this unit's recipe
+        and task, so a foreign or broken one cannot stop every later volunteer of the unit (the trainer refuses it)."""
+        import json
+
         from isles.experts import checkpoints
+        from isles.experts.trainer import _check_compatible
 
         ckpt_dir = unit_dir / "checkpoints"
         latest = checkpoints.latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None  # only whole checkpoints
@@ -280,6 +286,11 @@ class Volunteer:
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 self.store.pull(pointer.repo, pointer.revision, staging, pointer.files)
+                pulled = checkpoints.latest_checkpoint(staging)
+                if pulled is None:
+                    raise IslesError(f"{pointer.repo}@{pointer.revision[:12]} holds no whole checkpoint")
+                identity = json.loads(json.dumps(task.describe()))  # as the trainer compares it
+                _check_compatible(checkpoints.read_checkpoint(pulled), recipe, identity, pulled)
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 for entry in staging.iterdir():  # the checkpoint's file(s), as the trainer wrote them
                     target = ckpt_dir / entry.name

@@ -299,3 +299,44 @@ def test_checkpoint_pusher_keeps_only_the_newest_waiting_upload():
     gate.set()
     pusher.close()  # waits for the running and the waiting upload
     assert ran == [1, 3] and discarded == [2]
+
+
+def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
+    """A peer's checkpoint pointer that names a checkpoint of another recipe must not become our starting point:
+    the trainer would refuse it, and every later volunteer of the unit would fail the same way."""
+    from types import SimpleNamespace
+
+    from isles.client.join import JoinConfig, Volunteer
+    from isles.client.run_access import SwarmOptions
+    from isles.experts import checkpoints
+    from isles.experts.trainer import TrainRecipe
+    from isles.protocol.artifacts import folder_files, open_store
+
+    task = SimpleNamespace(describe=lambda: {"kind": "expert", "preset": "unet-tiny"})
+    mine = TrainRecipe(steps=100, global_batch=16, seed=0)
+    store = open_store(tmp_path / "store")
+    pointers = {}
+
+    def push(recipe: TrainRecipe, step: int):
+        folder = tmp_path / f"push-{recipe.seed}-{step}"
+        folder.mkdir()
+        state = {"step": step, "recipe": recipe.to_dict(), "task": task.describe()}
+        checkpoints.write_checkpoint(folder, step, state)
+        revision = store.publish("ckpts", folder)
+        pointers["p"] = SimpleNamespace(
+            repo="ckpts", revision=revision, files=folder_files(folder), step=step, token=SimpleNamespace(owner="x")
+        )
+
+    volunteer = Volunteer(JoinConfig(swarm=SwarmOptions(peers=())), console=None)
+    volunteer.store, volunteer.manifest = store, SimpleNamespace(run_id="r")
+    volunteer.swarm = SimpleNamespace(latest_checkpoint=lambda run_id, unit: pointers["p"])
+    volunteer.display = SimpleNamespace(event=lambda text: None)
+    unit_dir = tmp_path / "unit"
+
+    push(TrainRecipe(steps=100, global_batch=16, seed=7), 50)  # another seed: another trajectory
+    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine) is None
+    assert checkpoints.list_checkpoints(unit_dir / "checkpoints") == []
+
+    push(mine, 40)
+    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine) == 40
+    assert [s for s, _ in checkpoints.list_checkpoints(unit_dir / "checkpoints")] == [40]
