@@ -55,6 +55,7 @@ class Verdict:
     val_loss: float | None = None
     threshold: float | None = None
     folder: Path | None = None
+    retry: bool = False  # the store could not be reached: judge the release again on the next poll
 
 
 @dataclass
@@ -109,6 +110,9 @@ class Aggregator:
                     log.info("%s: ignoring a duplicate release from %s", unit, release.token.owner)
                     continue
                 verdict = self.verify(unit, release)
+                if verdict.retry:  # not the release's fault: a restarted aggregator would accept it
+                    log.warning("%s: %s; trying again on the next poll", unit, verdict.reason)
+                    continue
                 if verdict.ok:
                     self.accepted[unit] = Accepted(release, verdict)
                     self.judged[key] = "accepted"
@@ -162,7 +166,7 @@ class Aggregator:
     # -- verification --------------------------------------------------------------------------------------------
 
     def verify(self, unit: str, release) -> Verdict:
-        from isles.protocol.artifacts import IntegrityError
+        from isles.protocol.artifacts import IntegrityError, StoreUnavailable
 
         m, kind = self.manifest, unit_kind(unit)
         if release.run_id != m.run_id or release.unit != unit or release.token.unit != unit:
@@ -176,6 +180,8 @@ class Aggregator:
             self.store.pull(release.repo, release.revision, folder, expected)
         except IntegrityError as exc:
             return Verdict(False, f"files do not match their hashes: {exc.message}")
+        except StoreUnavailable as exc:
+            return Verdict(False, f"the store is unreachable: {exc.message}", retry=True)
         except IslesError as exc:
             return Verdict(False, f"cannot pull the release: {exc.message}")
         task, untrained = self._task_and_untrained(unit)  # our data: a failure here is ours, not the release's

@@ -231,3 +231,38 @@ def _files(folder):
     from isles.protocol.artifacts import folder_files
 
     return folder_files(folder)
+
+
+def test_a_release_the_store_cannot_serve_right_now_is_judged_again_later(tmp_path):
+    """An unreachable store is not the release's fault: it is neither rejected nor remembered, so the next poll
+    judges it (a restarted aggregator would accept it, and both must build the same ensemble)."""
+    from types import SimpleNamespace
+
+    from isles.client.aggregate import AggregateConfig, Aggregator
+    from isles.client.run_access import SwarmOptions
+    from isles.protocol.artifacts import StoreUnavailable, open_store
+
+    token = SimpleNamespace(unit="expert-0", attempt=1, owner="peer")
+    release = SimpleNamespace(
+        run_id="r", unit="expert-0", token=token, repo="x", revision="0" * 40, files=_REQUIRED_FILES
+    )
+    rejections = []
+    swarm = SimpleNamespace(
+        get_releases=lambda run_id, unit: [release] if unit == "expert-0" else [], put_rejection=rejections.append
+    )
+    store = open_store(tmp_path / "store")
+    pulls = []
+
+    def unreachable(*args, **kwargs):
+        pulls.append(args)
+        raise StoreUnavailable("the Hub is unreachable")
+
+    store.pull = unreachable
+    manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri)
+    config = AggregateConfig(swarm=SwarmOptions(peers=()), work_dir=tmp_path / "agg")
+    agg = Aggregator(config, swarm, manifest, store, store, "me")
+    assert agg.poll() is False and agg.poll() is False
+    assert len(pulls) == 2 and agg.judged == {} and rejections == []
+
+
+_REQUIRED_FILES = {"config.json": "0" * 64, "diffusion_pytorch_model.safetensors": "0" * 64}
