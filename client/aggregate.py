@@ -247,14 +247,17 @@ class Aggregator:
             objective = json.loads(info_path.read_text()).get("objective") if info_path.is_file() else r.objective
             if objective != r.objective:
                 return f"trained with objective {objective!r}, the manifest's recipe says {r.objective!r}"
+        if not isinstance(config, dict):
+            return "config.json is not a JSON object"
         for key, value in expected.items():
-            if key.startswith("_"):
+            # The class counts: another class loads the same keys and fills the rest with its own defaults.
+            if key.startswith("_") and key != "_class_name":
                 continue
             want = json.loads(json.dumps(value))
-            if key in config and config[key] != want:
-                return f"config differs from the manifest's recipe: {key} is {config[key]!r}, expected {want!r}"
-            if key not in config and unit == "router":
+            if key not in config:  # a missing key would load as the library's default, not the recipe's value
                 return f"config differs from the manifest's recipe: {key} is missing"
+            if config[key] != want:
+                return f"config differs from the manifest's recipe: {key} is {config[key]!r}, expected {want!r}"
         return None
 
     def _shard(self, index: int):

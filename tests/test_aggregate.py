@@ -266,3 +266,29 @@ def test_a_release_the_store_cannot_serve_right_now_is_judged_again_later(tmp_pa
 
 
 _REQUIRED_FILES = {"config.json": "0" * 64, "diffusion_pytorch_model.safetensors": "0" * 64}
+
+
+def test_an_expert_config_must_name_every_recipe_field_and_the_class(tmp_path):
+    """A key left out of config.json loads as the library's default, and another class loads the same keys: both
+    would let a release of another architecture than the recipe's through."""
+    from types import SimpleNamespace
+
+    from isles.client.aggregate import AggregateConfig, Aggregator
+    from isles.client.run_access import SwarmOptions
+    from isles.experts.presets import build_model
+    from isles.protocol.artifacts import open_store
+
+    recipe = SimpleNamespace(preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm")
+    store = open_store(tmp_path / "store")
+    manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri, experts=[recipe])
+    config = AggregateConfig(swarm=SwarmOptions(peers=()), work_dir=tmp_path / "agg")
+    agg = Aggregator(config, SimpleNamespace(), manifest, store, store, "me")
+    folder = tmp_path / "release"
+    build_model("unet-tiny", 1, 8, 10).save_pretrained(folder)
+    assert agg._check_config("expert-0", folder) is None
+    honest = json.loads((folder / "config.json").read_text())
+
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in honest.items() if k != "num_class_embeds"}))
+    assert "num_class_embeds is missing" in agg._check_config("expert-0", folder)
+    (folder / "config.json").write_text(json.dumps({**honest, "_class_name": "DiTTransformer2DModel"}))
+    assert "_class_name" in agg._check_config("expert-0", folder)
