@@ -117,11 +117,12 @@ def test_missing_expert_is_named_and_skip_broken_samples_without_it(ensemble_dir
     assert proc.stderr.startswith("Error: ") and "expert 2" in proc.stderr and "Traceback" not in proc.stderr
     assert "accelerate" not in proc.stderr  # diffusers' load-time chatter is silenced
     proc = isles(
-        "sample", broken, "--skip-broken", "--class", 1, "--n", 4, "--steps", 5, "--out", tmp_path / "p.png",
+        "sample", broken, "--skip-broken", "--class", 1, "--n", 4, "--steps", 5, "--out", tmp_path / "p",
         "--show-routing", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["steps_per_expert"][2] == 0
+    assert Image.open(tmp_path / "p").format == "PNG"  # a PNG whatever the --out suffix
 
 
 @pytest.mark.parametrize(

@@ -36,22 +36,18 @@ def partition(
     as_json: bool = typer.Option(False, "--json", help="Print the run id, manifest path and clusters as JSON."),
 ) -> None:
     """Embed every item, cluster with k-means, write and publish one shard per cluster, write the run manifest."""
+    from isles.experts.presets import get_preset
     from isles.protocol.errors import IslesError
     from isles.router.model import ROUTER_PRESETS
     from isles.router.partition import PartitionConfig, parse_objectives
     from isles.router.partition import partition as run_partition
 
-    from .sample import image_grid
+    from .sample import image_grid, save_png
 
     parse_objectives(objectives, max(experts, 1))  # fail fast, before loading any data
     if router_preset not in ROUTER_PRESETS:
         raise IslesError(f"unknown router preset {router_preset!r}", hint=f"use one of: {', '.join(ROUTER_PRESETS)}")
-    try:
-        from isles.experts.presets import get_preset
-
-        get_preset(preset)
-    except ImportError:  # presets not installed yet: the trainer will check
-        pass
+    get_preset(preset)  # fail fast on an unknown preset too
     config = PartitionConfig(
         source=source,
         experts=experts,
@@ -85,7 +81,7 @@ def partition(
         path = out / "clusters" / f"cluster-{c}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         pixels = _preview(examples)
-        image_grid(pixels, cols=len(pixels), scale=max(1, 32 // pixels.shape[-1])).save(path)
+        save_png(image_grid(pixels, cols=len(pixels), scale=max(1, 32 // pixels.shape[-1])), path)
         strips.append(str(path))
     manifest = result.manifest
     total = sum(result.sizes)

@@ -49,6 +49,17 @@ def image_grid(images, cols: int | None = None, scale: int = 1, pad: int = 1):
     return image
 
 
+def save_png(image, path: Path) -> None:
+    """Write a PIL image as PNG atomically, whatever the file's suffix (a bare `--out grid` too)."""
+    import io
+
+    from isles.protocol.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def routing_strip(choices, num_experts: int, cell: int = 12):
     """[steps, n] expert indices -> a PIL image: one row per sample, one coloured cell per step (left = noise)."""
     import numpy as np
@@ -119,13 +130,13 @@ def sample(
         written["latents"] = str(latents_path)
         x = result.images[:, :1].float()
         preview = (x - x.amin()) / (x.amax() - x.amin() + 1e-8) * 2 - 1
-        image_grid(to_pixels(preview), scale=scale).save(out)
+        save_png(image_grid(to_pixels(preview), scale=scale), out)
     else:
-        image_grid(to_pixels(result.images), scale=scale).save(out)
+        save_png(image_grid(to_pixels(result.images), scale=scale), out)
     if show_routing:
         choices = result.choices
         strip_path = out.with_name(out.stem + "-routing.png")
-        routing_strip(choices, pipe.num_experts).save(strip_path)
+        save_png(routing_strip(choices, pipe.num_experts), strip_path)
         usage = torch.bincount(choices.reshape(-1), minlength=pipe.num_experts).tolist()
         written["routing_strip"] = str(strip_path)
         written["steps_per_expert"] = usage
