@@ -273,13 +273,21 @@ def _load_folder(folder: Path, skip_broken: bool) -> EnsemblePipeline:
 
     manifest = _read_manifest(folder)
     files = manifest.get("files", {})
+    entries = manifest.get("experts", [])
+    try:  # ensemble.json may come from the network: a malformed one is an error line, not a traceback
+        entries = [(int(e["index"]), str(e["path"]), str(e["objective"])) for e in entries]
+        files = {str(k): str(v) for k, v in files.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IslesError(
+            f"{folder / ENSEMBLE_FILE} is malformed ({type(exc).__name__}: {exc})",
+            hint="re-download or re-assemble the ensemble",
+        ) from None
     problem = _broken_files(folder, files, "router")
     if problem:
         raise IslesError(f"ensemble {folder}: router {problem}", hint="re-download or re-assemble the ensemble")
     router = RouterModel.from_pretrained(folder / "router")
     experts: dict[int, Expert] = {}
-    for entry in manifest.get("experts", []):
-        index, path = int(entry["index"]), str(entry["path"])
+    for index, path, objective in entries:
         problem = _broken_files(folder, files, path)
         if problem:
             if not skip_broken:
@@ -290,7 +298,7 @@ def _load_folder(folder: Path, skip_broken: bool) -> EnsemblePipeline:
             log.warning("skipping expert %d: %s", index, problem)
             continue
         meta = json.loads((folder / path / EXPERT_FILE).read_text()) if (folder / path / EXPERT_FILE).is_file() else {}
-        experts[index] = Expert(index, load_model(folder / path).eval(), str(entry["objective"]), meta)
+        experts[index] = Expert(index, load_model(folder / path).eval(), objective, meta)
     keep = ("run_id", "name", "data_kind", "class_names", "router_metrics")
     config = {k: manifest[k] for k in keep if k in manifest}
     pipe = EnsemblePipeline(experts, router, config)

@@ -238,6 +238,20 @@ def test_missing_or_corrupt_expert_is_named(tmp_path):
         EnsemblePipeline.from_pretrained(tmp_path / "nowhere", device="cpu")
 
 
+def test_malformed_ensemble_json_is_one_clear_error(tmp_path):
+    import json
+
+    from isles.router.ensemble import EnsemblePipeline
+
+    _tiny_pipeline().save_pretrained(tmp_path / "ens")
+    path = tmp_path / "ens" / "ensemble.json"
+    manifest = json.loads(path.read_text())
+    for broken in ([{"path": "expert_0"}], ["expert_0"], [{"index": "zero", "path": "expert_0", "objective": "fm"}]):
+        path.write_text(json.dumps({**manifest, "experts": broken}))
+        with pytest.raises(IslesError, match="ensemble.json is malformed"):
+            EnsemblePipeline.from_pretrained(tmp_path / "ens", device="cpu")
+
+
 def test_partial_ensemble_samples_without_the_missing_expert(tmp_path):
     from isles.router.ensemble import EnsemblePipeline
 
