@@ -50,11 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.router_steps, args.per_class, args.sample_steps = 40, 60, 4, 10
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from isles.experts.data import load_shard
     from isles.experts.expert import ExpertTask, save_grid
     from isles.experts.trainer import TrainRecipe, train
+    from isles.protocol.files import atomic_write_bytes
     from isles.router.ensemble import EnsemblePipeline
     from isles.router.partition import PartitionConfig, partition
     from isles.router.router_task import RouterTask
@@ -132,7 +132,7 @@ def main() -> None:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "hardware": router_metrics.get("hardware"),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_bytes(out / "results.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     lines = [
         f"# digits ensemble ({args.experts} experts, {args.preset}, {args.steps} steps; router {args.router_steps})",
         "",
@@ -146,7 +146,7 @@ def main() -> None:
         + ", ".join(f"t={t}: {a:.3f}" for t, a in router_metrics["accuracy_by_t"].items())
         + f" (chance {router_metrics['chance_accuracy']:.3f})",
     ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 
