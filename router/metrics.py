@@ -46,7 +46,8 @@ def frechet_distance(
     covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # sqrtm failed on a near-singular product: retry with a larger jitter
         offset = np.eye(s1.shape[0]) * max(eps, 1e-6) * 1e3
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        s1, s2 = s1 + offset, s2 + offset  # the traces below must be of the same jittered covariances
+        covmean = linalg.sqrtm(s1 @ s2)
     covmean = np.real(covmean)  # tiny imaginary parts are numerical noise of sqrtm
     diff = mu1 - mu2
     value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
