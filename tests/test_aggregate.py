@@ -14,6 +14,7 @@ import torch
 from conftest import ISLES, wait_for
 
 pytestmark = pytest.mark.timeout(300)
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"  # every peer of these tests listens on loopback only
 
 TRAIN = dict(steps=60, global_batch=32, lr=2e-3, warmup_steps=5, ema_decay=0.99)
 
@@ -42,7 +43,7 @@ def swarm_run(tmp_path_factory):
     boot = open_dht(DHTConfig(host_maddrs=("/ip4/127.0.0.1/tcp/0",)))
     Swarm(boot).publish_manifest(result.manifest)
     peer = boot.visible_maddrs()[0]
-    volunteer = open_dht(DHTConfig(initial_peers=(peer,), client_mode=True))
+    volunteer = open_dht(DHTConfig(initial_peers=(peer,), client_mode=True, host_maddrs=(LOOPBACK,)))
     yield {"work": work, "manifest": result.manifest, "peer": peer, "volunteer": Swarm(volunteer)}
     volunteer.shutdown()
     boot.shutdown()
@@ -105,7 +106,10 @@ def _aggregator(run, work_dir):
 
     m = run["manifest"]
     config = AggregateConfig(
-        swarm=SwarmOptions(peers=(run["peer"],)), run_id=m.run_id, work_dir=work_dir, sample_steps=5
+        swarm=SwarmOptions(peers=(run["peer"],), host_maddrs=(LOOPBACK,)),
+        run_id=m.run_id,
+        work_dir=work_dir,
+        sample_steps=5,
     )
     node, swarm = open_swarm(config.swarm)
     store = open_store(m.store)
@@ -192,6 +196,8 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
                 "aggregate",
                 "--peers",
                 run["peer"],
+                "--host-maddrs",
+                LOOPBACK,
                 "--run",
                 m.run_id,
                 "--once",

@@ -13,6 +13,7 @@ from conftest import ISLES, read_log, wait_for
 from hub_server import hub_server  # noqa: F401  (the Hub test server fixture)
 
 pytestmark = pytest.mark.timeout(300)
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"  # every peer of these tests listens on loopback only
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def _join(spawn, peer, manifest, tmp_path, name: str, *extra: str):
             "join",
             "--peers",
             peer,
+            "--host-maddrs",
+            LOOPBACK,
             "--run",
             manifest.run_id,
             "--work-dir",
@@ -225,6 +228,8 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
             "join",
             "--peers",
             peer,
+            "--host-maddrs",
+            LOOPBACK,
             "--run",
             manifest.run_id,
             "--store",
@@ -263,6 +268,8 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
             "aggregate",
             "--peers",
             peer,
+            "--host-maddrs",
+            LOOPBACK,
             "--run",
             manifest.run_id,
             "--store",
