@@ -194,7 +194,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
             return match.group(1) if match else None
 
         peer = _wait_for(join_line, 60, "the bootstrap node", boot.log_path, stop)
-        lease = [
+        # Every peer of the demo listens on loopback only (the default binds every interface).
+        volunteer_args = [
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
             "--lease-ttl",
             str(r.lease_ttl),
             "--heartbeat-period",
@@ -226,7 +229,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
                         "cpu",
                         "--name",
                         name,
-                        *lease,
+                        *volunteer_args,
                     ],
                     logs,
                     echo,
@@ -257,6 +260,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
                 str(r.sample_steps),
                 "--poll-period",
                 "1",
+                "--host-maddrs",
+                "/ip4/127.0.0.1/tcp/0",
             ],
             logs,
             echo,

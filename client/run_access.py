@@ -56,6 +56,7 @@ def open_swarm(options: SwarmOptions):
 def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Event | None = None):
     """The run's manifest from the DHT; without `run_id`, the swarm's only run. Waits up to `timeout` seconds."""
     deadline = time.monotonic() + timeout
+    stop = stop or threading.Event()
     while True:
         if run_id:
             manifest = swarm.get_manifest(run_id)
@@ -70,14 +71,14 @@ def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Eve
             elif len(runs) > 1:
                 listing = "; ".join(f"{r.run_id} ({r.name}, {r.units} units)" for r in runs)
                 raise IslesError(f"the swarm has {len(runs)} open runs: {listing}", hint="choose one with --run ID")
-        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+        if time.monotonic() > deadline or stop.is_set():
             what = f"run {run_id}" if run_id else "any run"
             raise IslesError(
                 f"found no manifest for {what} in the swarm after {timeout:.0f}s",
                 hint="check the run id with `isles status --peers ...`; the bootstrap node must be started with "
                 "--manifest FILE to publish it",
             )
-        time.sleep(1.0)
+        stop.wait(1.0)  # a Ctrl-C ends the wait at once
 
 
 def released_units(swarm, manifest) -> dict[str, list]:
