@@ -111,8 +111,9 @@ class Aggregator:
                     continue
                 verdict = self.verify(unit, release)
                 if verdict.retry:  # not the release's fault: a restarted aggregator would accept it
+                    # Later releases of the unit wait too: the first valid one in order wins, whatever the store did.
                     log.warning("%s: %s; trying again on the next poll", unit, verdict.reason)
-                    continue
+                    break
                 if verdict.ok:
                     self.accepted[unit] = Accepted(release, verdict)
                     self.judged[key] = "accepted"

@@ -248,13 +248,20 @@ def test_a_release_the_store_cannot_serve_right_now_is_judged_again_later(tmp_pa
     from isles.client.run_access import SwarmOptions
     from isles.protocol.artifacts import StoreUnavailable, open_store
 
-    token = SimpleNamespace(unit="expert-0", attempt=1, owner="peer")
-    release = SimpleNamespace(
-        run_id="r", unit="expert-0", token=token, repo="x", revision="0" * 40, files=_REQUIRED_FILES
-    )
+    releases = [
+        SimpleNamespace(
+            run_id="r",
+            unit="expert-0",
+            token=SimpleNamespace(unit="expert-0", attempt=attempt, owner="peer"),
+            repo="x",
+            revision=str(attempt) * 40,
+            files=_REQUIRED_FILES,
+        )
+        for attempt in (1, 2)
+    ]
     rejections = []
     swarm = SimpleNamespace(
-        get_releases=lambda run_id, unit: [release] if unit == "expert-0" else [], put_rejection=rejections.append
+        get_releases=lambda run_id, unit: releases if unit == "expert-0" else [], put_rejection=rejections.append
     )
     store = open_store(tmp_path / "store")
     pulls = []
@@ -268,7 +275,8 @@ def test_a_release_the_store_cannot_serve_right_now_is_judged_again_later(tmp_pa
     config = AggregateConfig(swarm=SwarmOptions(peers=()), work_dir=tmp_path / "agg")
     agg = Aggregator(config, swarm, manifest, store, store, "me")
     assert agg.poll() is False and agg.poll() is False
-    assert len(pulls) == 2 and agg.judged == {} and rejections == []
+    # The later release is not judged before the first: "the first valid one" must not depend on the store's mood.
+    assert [args[1] for args in pulls] == ["1" * 40] * 2 and agg.judged == {} and rejections == []
 
 
 _REQUIRED_FILES = {"config.json": "0" * 64, "diffusion_pytorch_model.safetensors": "0" * 64}
