@@ -123,9 +123,19 @@ class Volunteer:
                 self.display.event(f"done: trained {c.max_units} unit(s) (--max-units)")
                 return
             released = released_units(self.swarm, m)
-            open_units = [u for u in m.units if u not in released]
+            # A unit we released that looks open was rejected (or our record is not visible yet): training it again
+            # here would give the same model, so we never take it twice.
+            mine = {o.unit for o in self.outcomes if o.state == "released"}
+            rejected = [u for u in m.units if u not in released and u in mine]
+            open_units = [u for u in m.units if u not in released and u not in mine]
             if not open_units:
-                self.display.event(f"every unit of run {m.run_id} is released: nothing left to train")
+                if rejected:
+                    self.display.event(
+                        f"{', '.join(rejected)}: our release is not (or not yet) accepted; not training it again "
+                        "(see `isles status` for a rejection)"
+                    )
+                else:
+                    self.display.event(f"every unit of run {m.run_id} is released: nothing left to train")
                 return
             self._state = "IDLE"
             # Units someone already pushed a checkpoint for come first: their work is not lost twice.

@@ -347,3 +347,27 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
     push(mine, 40)
     assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine) == 40
     assert [s for s, _ in checkpoints.list_checkpoints(unit_dir / "checkpoints")] == [40]
+
+
+def test_a_unit_whose_release_was_refused_is_not_trained_again(monkeypatch):
+    """Released, then refused by the aggregator (so open again): retraining the same recipe here gives the same model,
+    so the volunteer leaves instead of looping on claim, train, release, refusal."""
+    import threading
+    from types import SimpleNamespace
+
+    from isles.client import join
+    from isles.client.join import JoinConfig, UnitOutcome, Volunteer
+
+    monkeypatch.setattr(join, "released_units", lambda swarm, manifest: {})  # the only unit is open again
+    events, claims = [], []
+    volunteer = Volunteer(JoinConfig(swarm=join.SwarmOptions(peers=())), console=None)
+    volunteer.manifest = SimpleNamespace(run_id="r", units=["expert-0"])
+    volunteer.display = SimpleNamespace(event=events.append)
+    volunteer.swarm = SimpleNamespace(latest_checkpoint=lambda run_id, unit: None)
+    volunteer.leases = SimpleNamespace(acquire=lambda units: claims.append(units))
+    volunteer.outcomes = [UnitOutcome("expert-0", "released", 100)]
+    loop = threading.Thread(target=volunteer._loop, daemon=True)
+    loop.start()
+    loop.join(10)
+    assert not loop.is_alive() and claims == []
+    assert events[-1].startswith("expert-0: our release is not (or not yet) accepted")
