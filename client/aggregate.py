@@ -185,7 +185,10 @@ class Aggregator:
             return Verdict(False, f"the store is unreachable: {exc.message}", retry=True)
         except IslesError as exc:
             return Verdict(False, f"cannot pull the release: {exc.message}")
-        task, untrained = self._task_and_untrained(unit)  # our data: a failure here is ours, not the release's
+        try:  # our data: a failure here is ours, not the release's
+            task, untrained = self._task_and_untrained(unit)
+        except StoreUnavailable as exc:
+            return Verdict(False, f"the store is unreachable: {exc.message}", retry=True)
         try:
             problem = self._check_config(unit, folder) or _non_finite(folder, REQUIRED[kind][1])
             if problem:
