@@ -71,8 +71,12 @@ def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Eve
             elif len(runs) > 1:
                 listing = "; ".join(f"{r.run_id} ({r.name}, {r.units} units)" for r in runs)
                 raise IslesError(f"the swarm has {len(runs)} open runs: {listing}", hint="choose one with --run ID")
-        if time.monotonic() > deadline or stop.is_set():
-            what = f"run {run_id}" if run_id else "any run"
+        what = f"run {run_id}" if run_id else "any run"
+        if stop.is_set():
+            raise IslesError(
+                f"stopped while looking for the manifest of {what}", hint="nothing was claimed; run it again"
+            )
+        if time.monotonic() > deadline:
             raise IslesError(
                 f"found no manifest for {what} in the swarm after {timeout:.0f}s",
                 hint="check the run id with `isles status --peers ...`; the bootstrap node must be started with "
