@@ -50,7 +50,7 @@ def _run(tmp_path, swarm, seed: int, steps: int):
     return result.manifest
 
 
-def _join(spawn, peer, manifest, tmp_path, name: str, *extra: str):
+def _join(spawn, peer, manifest, tmp_path, name: str, *extra: str, env: dict | None = None):
     return spawn(
         ISLES
         + [
@@ -79,6 +79,7 @@ def _join(spawn, peer, manifest, tmp_path, name: str, *extra: str):
             *extra,
         ],
         name=name,
+        env=env,
     )
 
 
@@ -222,39 +223,8 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
     peer, swarm = bootstrap
     manifest = _run(tmp_path, swarm, seed=13, steps=60)
     env = {"HF_ENDPOINT": hub_server.url, "HF_TOKEN": "hf_alice_test", "HF_HUB_DISABLE_XET": "1"}
-    proc = spawn(
-        ISLES
-        + [
-            "join",
-            "--peers",
-            peer,
-            "--host-maddrs",
-            LOOPBACK,
-            "--run",
-            manifest.run_id,
-            "--store",
-            "hf://alice",
-            "--work-dir",
-            str(tmp_path / "alice"),
-            "--identity",
-            str(tmp_path / "alice-id"),
-            "--device",
-            "cpu",
-            "--plain",
-            "--max-units",
-            "1",
-            "--settle-period",
-            "0.5",
-            "--checkpoint-period",
-            "2",
-            "--lease-ttl",
-            "8",
-            "--heartbeat-period",
-            "2",
-        ],
-        name="alice",
-        env=env,
-    )
+    lease = ("--lease-ttl", "8", "--heartbeat-period", "2")
+    proc = _join(spawn, peer, manifest, tmp_path, "alice", "--store", "hf://alice", *lease, env=env)
     assert proc.wait(240) == 0, read_log(proc)
     released = wait_for(
         lambda: [r for unit in manifest.units for r in swarm.get_releases(manifest.run_id, unit)],
