@@ -282,10 +282,9 @@ class Volunteer:
 
         A pushed checkpoint comes from another peer: it is installed only if it is whole and of this unit's recipe
         and task, so a foreign or broken one cannot stop every later volunteer of the unit (the trainer refuses it)."""
-        import json
 
         from isles.experts import checkpoints
-        from isles.experts.trainer import _check_compatible
+        from isles.experts.trainer import check_resumable
 
         ckpt_dir = unit_dir / "checkpoints"
         latest = checkpoints.latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None  # only whole checkpoints
@@ -299,8 +298,7 @@ class Volunteer:
                 pulled = checkpoints.latest_checkpoint(staging)
                 if pulled is None:
                     raise IslesError(f"{pointer.repo}@{pointer.revision[:12]} holds no whole checkpoint")
-                identity = json.loads(json.dumps(task.describe()))  # as the trainer compares it
-                _check_compatible(checkpoints.read_checkpoint(pulled), recipe, identity, pulled)
+                check_resumable(pulled, task, recipe)
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 for entry in staging.iterdir():  # the checkpoint's file(s), as the trainer wrote them
                     target = ckpt_dir / entry.name

@@ -195,7 +195,7 @@ def train(
     generator = torch.Generator().manual_seed(recipe.seed)
     order = _Order(task.train_size(), recipe.seed)
     step, cursor, elapsed, recent_loss = 0, 0, 0.0, None
-    identity = json.loads(json.dumps(task.describe()))  # the form it has after a checkpoint round trip
+    identity = task_identity(task)
 
     latest = checkpoints.latest_checkpoint(ckpt_dir)
     if latest is not None:
@@ -360,6 +360,17 @@ def _accumulate(task, model, batch, global_batch, micro, device, amp_dtype) -> t
         (loss * weight).backward()
         total += loss.detach().float() * weight
     return total
+
+
+def task_identity(task: Task) -> dict:
+    """What a checkpoint records of its task, in the form it has after the checkpoint's JSON round trip."""
+    return json.loads(json.dumps(task.describe()))
+
+
+def check_resumable(path: Path, task: Task, recipe: TrainRecipe) -> None:
+    """Raise IslesError unless the checkpoint at `path` resumes `task` under `recipe` (the check `train` makes), e.g.
+    before installing a checkpoint another peer pushed."""
+    _check_compatible(checkpoints.read_checkpoint(path), recipe, task_identity(task), path)
 
 
 def _check_compatible(state: dict, recipe: TrainRecipe, identity: dict, path: Path) -> None:
