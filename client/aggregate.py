@@ -17,9 +17,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
 
-from .run_access import SwarmOptions, pull_shard, shard_stores
+from .run_access import pull_shard, shard_stores
 
 log = logging.getLogger("isles.aggregate")
 
@@ -33,7 +34,7 @@ PROVENANCE_FILE = "releases.json"
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    swarm: SwarmOptions
+    swarm: DHTConfig
     run_id: str | None = None
     store: str | None = None  # where releases are pulled from (default: the manifest's store)
     to: str | None = None  # ensemble repo (default: <run_id>-ensemble)

@@ -14,12 +14,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
 
 from .display import TrainingDisplay
 from .handoff import Pusher
 from .run_access import (
-    SwarmOptions,
     find_manifest,
     make_router_task,
     open_swarm,
@@ -35,7 +35,7 @@ VERSION = "0.1.0"
 
 @dataclass(frozen=True)
 class JoinConfig:
-    swarm: SwarmOptions
+    swarm: DHTConfig
     run_id: str | None = None
     store: str | None = None  # default: the store the manifest names
     token: str | None = None

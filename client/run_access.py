@@ -9,44 +9,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
 
 log = logging.getLogger("isles.run")
 
 
-@dataclass(frozen=True)
-class SwarmOptions:
-    """How a client joins the DHT (shared by `join` and `aggregate`)."""
-
-    peers: tuple[str, ...]
-    identity: Path | None = None
-    client_mode: bool = True  # outbound only unless told this peer is reachable
-    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
-    announce_maddrs: tuple[str, ...] = ()
-    startup_timeout: float = 30.0
-
-
 # --- joining the swarm and finding the run -------------------------------------------
 
 
-def open_swarm(options: SwarmOptions):
+def open_swarm(config: DHTConfig):
     """A DHT peer with isles' validators and the typed `Swarm` over it."""
-    from isles.protocol.dht import DHTConfig, open_dht, parse_multiaddr
+    from isles.protocol.dht import open_dht
     from isles.protocol.swarm import Swarm
 
-    if not options.peers:
+    if not config.initial_peers:
         raise IslesError("no peers given", hint="pass --peers with the address `isles bootstrap` printed")
-    config = DHTConfig(
-        initial_peers=tuple(parse_multiaddr(p) for p in options.peers),
-        host_maddrs=options.host_maddrs,
-        announce_maddrs=options.announce_maddrs,
-        client_mode=options.client_mode,
-        identity_dir=options.identity,
-        startup_timeout=options.startup_timeout,
-    )
     # open_dht forks the DHT process and daemon with SIGINT/SIGTERM ignored, so a Ctrl-C on the terminal (sent to the
     # whole process group) reaches only us and we can still withdraw our lease.
     node = open_dht(config)

@@ -101,12 +101,13 @@ def _release(swarm, manifest, unit: str, folder, *, attempt: int, val_loss=None,
 
 def _aggregator(run, work_dir):
     from isles.client.aggregate import AggregateConfig, Aggregator
-    from isles.client.run_access import SwarmOptions, open_swarm
+    from isles.client.run_access import open_swarm
     from isles.protocol.artifacts import open_store
+    from isles.protocol.dht import DHTConfig
 
     m = run["manifest"]
     config = AggregateConfig(
-        swarm=SwarmOptions(peers=(run["peer"],), host_maddrs=(LOOPBACK,)),
+        swarm=DHTConfig(initial_peers=(run["peer"],), host_maddrs=(LOOPBACK,), client_mode=True),
         run_id=m.run_id,
         work_dir=work_dir,
         sample_steps=5,
@@ -245,8 +246,8 @@ def test_a_release_the_store_cannot_serve_right_now_is_judged_again_later(tmp_pa
     from types import SimpleNamespace
 
     from isles.client.aggregate import AggregateConfig, Aggregator
-    from isles.client.run_access import SwarmOptions
     from isles.protocol.artifacts import StoreUnavailable, open_store
+    from isles.protocol.dht import DHTConfig
 
     releases = [
         SimpleNamespace(
@@ -272,7 +273,7 @@ def test_a_release_the_store_cannot_serve_right_now_is_judged_again_later(tmp_pa
 
     store.pull = unreachable
     manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri)
-    config = AggregateConfig(swarm=SwarmOptions(peers=()), work_dir=tmp_path / "agg")
+    config = AggregateConfig(swarm=DHTConfig(), work_dir=tmp_path / "agg")
     agg = Aggregator(config, swarm, manifest, store, store, "me")
     assert agg.poll() is False and agg.poll() is False
     # The later release is not judged before the first: "the first valid one" must not depend on the store's mood.
@@ -288,14 +289,14 @@ def test_an_expert_config_must_name_every_recipe_field_and_the_class(tmp_path):
     from types import SimpleNamespace
 
     from isles.client.aggregate import AggregateConfig, Aggregator
-    from isles.client.run_access import SwarmOptions
     from isles.experts.presets import build_model
     from isles.protocol.artifacts import open_store
+    from isles.protocol.dht import DHTConfig
 
     recipe = SimpleNamespace(preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm")
     store = open_store(tmp_path / "store")
     manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri, experts=[recipe])
-    config = AggregateConfig(swarm=SwarmOptions(peers=()), work_dir=tmp_path / "agg")
+    config = AggregateConfig(swarm=DHTConfig(), work_dir=tmp_path / "agg")
     agg = Aggregator(config, SimpleNamespace(), manifest, store, store, "me")
     folder = tmp_path / "release"
     build_model("unet-tiny", 1, 8, 10).save_pretrained(folder)

@@ -284,10 +284,10 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
     from types import SimpleNamespace
 
     from isles.client.join import JoinConfig, Volunteer
-    from isles.client.run_access import SwarmOptions
     from isles.experts import checkpoints
     from isles.experts.trainer import TrainRecipe
     from isles.protocol.artifacts import folder_files, open_store
+    from isles.protocol.dht import DHTConfig
 
     task = SimpleNamespace(describe=lambda: {"kind": "expert", "preset": "unet-tiny"})
     mine = TrainRecipe(steps=100, global_batch=16, seed=0)
@@ -304,7 +304,7 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
             repo="ckpts", revision=revision, files=folder_files(folder), step=step, token=SimpleNamespace(owner="x")
         )
 
-    volunteer = Volunteer(JoinConfig(swarm=SwarmOptions(peers=())), console=None)
+    volunteer = Volunteer(JoinConfig(swarm=DHTConfig()), console=None)
     volunteer.store, volunteer.manifest = store, SimpleNamespace(run_id="r")
     volunteer.swarm = SimpleNamespace(latest_checkpoint=lambda run_id, unit: pointers["p"])
     volunteer.display = SimpleNamespace(event=lambda text: None)
@@ -327,10 +327,11 @@ def test_a_unit_whose_release_was_refused_is_not_trained_again(monkeypatch):
 
     from isles.client import join
     from isles.client.join import JoinConfig, UnitOutcome, Volunteer
+    from isles.protocol.dht import DHTConfig
 
     monkeypatch.setattr(join, "released_units", lambda swarm, manifest: {})  # the only unit is open again
     events, claims = [], []
-    volunteer = Volunteer(JoinConfig(swarm=join.SwarmOptions(peers=())), console=None)
+    volunteer = Volunteer(JoinConfig(swarm=DHTConfig()), console=None)
     volunteer.manifest = SimpleNamespace(run_id="r", units=["expert-0"])
     volunteer.display = SimpleNamespace(event=events.append)
     volunteer.swarm = SimpleNamespace(latest_checkpoint=lambda run_id, unit: None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import options, output
-from .join import swarm_options
+from .join import swarm_config
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,7 @@ def aggregate(
     from isles.client.handoff import StopSignals
 
     config = AggregateConfig(
-        swarm=swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout),
+        swarm=swarm_config(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout),
         run_id=run,
         store=store,
         to=to,

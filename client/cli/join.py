@@ -13,18 +13,15 @@ def register(app: typer.Typer) -> None:
     app.command("join")(join)
 
 
-def swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout=30.0):
-    """SwarmOptions from the shared CLI options (client/cli/options.py); the identity defaults to the persistent one in
-    the user's config dir, so a restarted volunteer keeps its peer id and its claims."""
-    from isles.client.run_access import SwarmOptions
-    from isles.protocol.identity import default_identity_dir
-
-    return SwarmOptions(
-        peers=tuple(peers or ()),
-        identity=identity or default_identity_dir(),
+def swarm_config(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout):
+    """The DHT config of `join` and `aggregate`: the identity defaults to the persistent one in the user's config
+    dir, so a restarted volunteer keeps its peer id and its claims."""
+    return options.dht_config(
+        peers=peers,
+        identity=identity,
+        host_maddrs=host_maddrs,
+        announce_maddrs=announce_maddrs,
         client_mode=client_mode,
-        host_maddrs=options.parse_maddrs(host_maddrs, "--host-maddrs") or ("/ip4/0.0.0.0/tcp/0",),
-        announce_maddrs=options.parse_maddrs(announce_maddrs, "--announce-maddrs"),
         startup_timeout=startup_timeout,
     )
 
@@ -61,7 +58,7 @@ def join(
 
     options.lease_settings(lease_ttl, heartbeat_period, settle_period)  # bad periods: one clear error line
     config = JoinConfig(
-        swarm=swarm_options(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout),
+        swarm=swarm_config(peers, identity, client_mode, host_maddrs, announce_maddrs, startup_timeout),
         run_id=run,
         store=store,
         device=device,
