@@ -37,6 +37,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
+        Preset("unet-micro", "unet", base=16, mults=(1, 2, 2), layers_per_block=1, note="capacity-limited on a CPU"),
         Preset("unet-tiny", "unet", base=32, mults=(1, 2, 2), layers_per_block=1, note="trains on a CPU in minutes"),
         Preset("unet-small", "unet", base=64, mults=(1, 2, 2, 2), layers_per_block=2),
         Preset("unet-base", "unet", base=128, mults=(1, 2, 2, 2), layers_per_block=2, note="DDPM CIFAR-10 size"),
