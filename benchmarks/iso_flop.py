@@ -2,8 +2,10 @@
 with the same training FLOPs (counted by the trainer, the router's on the ensemble side)?
 
 Run: `python benchmarks/iso_flop.py --quick` (a few minutes, what the tests run); `python benchmarks/iso_flop.py` (the
-reported CPU run, ~2 h on 2 cores); larger runs on a GPU with e.g. `--resolution 32 --preset unet-small --mono-steps
-20000 --n 5000`. Writes <out>/iso_flop.{json,md,png} (iso_flop_quick.* with --quick) and prints the table.
+reported CPU run, 30-45 min a seed on a 2-core machine; run seeds as parallel processes with `--seeds N` and combine
+them with `--merge`); `--preset unet-micro --mono-steps 9600 --curve-points 4` (where the ensemble wins on a CPU);
+larger runs on a GPU with e.g. `--resolution 32 --preset unet-small --mono-steps 40000 --n 2000 --sample-steps 30`.
+Writes <out>/iso_flop.{json,md,png} (iso_flop_quick.* with --quick) and prints the table.
 """
 
 from __future__ import annotations
