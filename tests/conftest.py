@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +73,19 @@ def read_log(proc: subprocess.Popen) -> str:
 
 
 ISLES = [sys.executable, "-m", "isles.client.cli.app"]
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"  # every peer the tests start listens on loopback only
+
+
+def aggregate_once(peer: str, run_id: str, folder: Path, *extra: str, env: dict | None = None) -> dict:
+    """Run `isles aggregate --once --json` as its own process on loopback, files under `folder`; its summary."""
+    proc = subprocess.run(
+        ISLES
+        + ["aggregate", "--peers", peer, "--host-maddrs", LOOPBACK, "--run", run_id, "--once", "--json"]
+        + ["--work-dir", str(folder / "work"), "--identity", str(folder / "identity"), *extra],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
-from conftest import ISLES, wait_for
+from conftest import LOOPBACK, aggregate_once, wait_for
 
 pytestmark = pytest.mark.timeout(300)
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"  # every peer of these tests listens on loopback only
 
 TRAIN = dict(steps=60, global_batch=32, lr=2e-3, warmup_steps=5, ema_decay=0.99)
 
@@ -40,7 +38,7 @@ def swarm_run(tmp_path_factory):
             router_steps=60,
         )
     )
-    boot = open_dht(DHTConfig(host_maddrs=("/ip4/127.0.0.1/tcp/0",)))
+    boot = open_dht(DHTConfig(host_maddrs=(LOOPBACK,)))
     Swarm(boot).publish_manifest(result.manifest)
     peer = boot.visible_maddrs()[0]
     volunteer = open_dht(DHTConfig(initial_peers=(peer,), client_mode=True, host_maddrs=(LOOPBACK,)))
@@ -191,31 +189,7 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
     # A restarted aggregator (a new process, empty work folder) rebuilds the same state and the same revision.
     expected_units = {"expert-0": "accepted", "expert-1": "missing", "router": "accepted"}
     for _attempt in range(3):  # a DHT read can miss a record under load: the next pass sees it
-        proc = subprocess.run(
-            ISLES
-            + [
-                "aggregate",
-                "--peers",
-                run["peer"],
-                "--host-maddrs",
-                LOOPBACK,
-                "--run",
-                m.run_id,
-                "--once",
-                "--json",
-                "--sample-steps",
-                "5",
-                "--work-dir",
-                str(tmp_path / "agg2"),
-                "--identity",
-                str(tmp_path / "agg2-id"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        summary = json.loads(proc.stdout)
+        summary = aggregate_once(run["peer"], m.run_id, tmp_path / "agg2", "--sample-steps", "5")
         if {u["unit"]: u["state"] for u in summary["units"]} == expected_units and len(summary["rejections"]) == 4:
             break
     assert summary["revision"] == first.revision

@@ -9,11 +9,10 @@ import os
 import signal
 
 import pytest
-from conftest import ISLES, read_log, wait_for
+from conftest import ISLES, LOOPBACK, aggregate_once, read_log, wait_for
 from hub_server import hub_server  # noqa: F401  (the Hub test server fixture)
 
 pytestmark = pytest.mark.timeout(300)
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"  # every peer of these tests listens on loopback only
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def bootstrap():
     from isles.protocol.dht import DHTConfig, open_dht
     from isles.protocol.swarm import Swarm
 
-    node = open_dht(DHTConfig(host_maddrs=("/ip4/127.0.0.1/tcp/0",)))
+    node = open_dht(DHTConfig(host_maddrs=(LOOPBACK,)))
     yield node.visible_maddrs()[0], Swarm(node)
     node.shutdown()
 
@@ -217,9 +216,6 @@ def test_join_bad_arguments_give_one_error_line(args, message, tmp_path):
 def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, spawn, tmp_path, hub_server):  # noqa: F811
     """Shards come from the run's (local) store; the volunteer's checkpoints and release go to hf://alice on the Hub
     test server, and an aggregator reading the Hub under another namespace still verifies and accepts the release."""
-    import json
-    import subprocess
-
     peer, swarm = bootstrap
     manifest = _run(tmp_path, swarm, seed=13, steps=60)
     env = {"HF_ENDPOINT": hub_server.url, "HF_TOKEN": "hf_alice_test", "HF_HUB_DISABLE_XET": "1"}
@@ -232,32 +228,8 @@ def test_volunteer_with_a_hub_account_publishes_under_its_namespace(bootstrap, s
         message="release",
     )
     assert len(released) == 1 and released[0].repo.startswith("alice/"), read_log(proc)
-    agg = subprocess.run(
-        ISLES
-        + [
-            "aggregate",
-            "--peers",
-            peer,
-            "--host-maddrs",
-            LOOPBACK,
-            "--run",
-            manifest.run_id,
-            "--store",
-            "hf://runowner",
-            "--once",
-            "--json",
-            "--work-dir",
-            str(tmp_path / "agg"),
-            "--identity",
-            str(tmp_path / "agg-id"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, **env},
-    )
-    assert agg.returncode == 0, agg.stderr[-2000:]
-    states = {u["unit"]: u for u in json.loads(agg.stdout)["units"]}
+    summary = aggregate_once(peer, manifest.run_id, tmp_path / "agg", "--store", "hf://runowner", env=env)
+    states = {u["unit"]: u for u in summary["units"]}
     assert states[released[0].unit]["state"] == "accepted"
     assert states[released[0].unit]["repo"] == released[0].repo
 
