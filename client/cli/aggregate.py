@@ -24,7 +24,7 @@ def aggregate(
     until_complete: bool = typer.Option(False, "--until-complete", help="Exit once every unit is published."),
     poll_period: float = typer.Option(10.0, "--poll-period", help="Seconds between passes."),
     sample_steps: int = typer.Option(30, "--sample-steps", min=1, help="Euler steps of the model card's samples."),
-    work_dir: Path = typer.Option(Path("isles-aggregate"), "--work-dir", help="Pulled releases and the ensemble."),
+    work_dir: Path = options.work_dir_option("aggregate", "Pulled releases and the ensemble."),
     identity: options.IdentityDir = None,
     summary: Path = typer.Option(None, "--summary", help="Also write the summary JSON to this file."),
     client_mode: options.ClientMode = True,

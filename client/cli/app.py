@@ -27,9 +27,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from isles.protocol.installation import isles_version
+
+        typer.echo(f"isles {isles_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the installed version and exit."
+    ),
 ) -> None:
     output.setup_logging(verbose=debug)
 

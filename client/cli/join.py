@@ -34,7 +34,7 @@ def join(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     max_units: int = typer.Option(None, "--max-units", min=1, help="Stop after training this many units."),
-    work_dir: Path = typer.Option(Path("isles-work"), "--work-dir", help="Shards, checkpoints and exports go here."),
+    work_dir: Path = options.work_dir_option("join", "Shards, checkpoints and exports go here."),
     identity: options.IdentityDir = None,
     checkpoint_period: float = typer.Option(180.0, "--checkpoint-period", help="Seconds between checkpoint pushes."),
     lease_ttl: options.LeaseTtl = 60.0,

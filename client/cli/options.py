@@ -1,5 +1,6 @@
-"""CLI options shared by every command that joins the swarm (--peers, --identity, maddrs, lease periods, --json),
-and the functions that turn them into the frozen configs protocol/ takes. Imports nothing heavy at module level.
+"""CLI options shared by every command that joins the swarm (--peers, --identity, maddrs, lease periods, --json,
+--work-dir), and the functions that turn them into the frozen configs protocol/ takes. Imports nothing heavy at
+module level.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ StartupTimeout = Annotated[
 LeaseTtl = Annotated[float, typer.Option("--lease-ttl", min=1.0, help="Seconds a claim lives without a heartbeat.")]
 HeartbeatPeriod = Annotated[float, typer.Option("--heartbeat-period", min=0.1, help="Seconds between lease renewals.")]
 SettlePeriod = Annotated[float, typer.Option("--settle-period", min=0.0, help="Seconds to wait for racing claims.")]
+
+
+def work_dir_option(command: str, help: str):
+    """`--work-dir DIR`; without it, `command`'s folder in the user data dir (never the current folder)."""
+    from isles.protocol.installation import default_work_dir
+
+    return typer.Option(
+        ...,
+        "--work-dir",
+        metavar="DIR",
+        default_factory=lambda: default_work_dir(command),
+        show_default=str(default_work_dir(command)),
+        help=help,
+    )
 
 
 def parse_peers(peers: list[str] | None) -> tuple[str, ...]:
