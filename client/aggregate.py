@@ -19,6 +19,7 @@ from pathlib import Path
 
 from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
+from isles.protocol.installation import default_work_dir, isles_version
 
 from .run_access import pull_shard, shard_stores
 
@@ -40,7 +41,7 @@ class AggregateConfig:
     to: str | None = None  # ensemble repo (default: <run_id>-ensemble)
     to_store: str | None = None  # where the ensemble is published (default: the same store)
     token: str | None = None
-    work_dir: Path = Path("isles-aggregate")
+    work_dir: Path = field(default_factory=lambda: default_work_dir("aggregate"))  # never the current folder
     once: bool = False  # one pass, then exit
     until_complete: bool = False  # exit once every unit is in a published ensemble
     poll_period: float = 10.0
@@ -247,7 +248,7 @@ class Aggregator:
             from isles.experts.presets import model_config
 
             r = m.experts[_index(unit)]
-            expected = model_config(r.preset, r.channels, r.resolution, r.num_classes)
+            expected = model_config(r.preset, r.channels, r.resolution, r.num_classes, r.text_width)
             info_path = folder / "expert.json"
             objective = json.loads(info_path.read_text()).get("objective") if info_path.is_file() else r.objective
             if objective != r.objective:
@@ -287,7 +288,12 @@ class Aggregator:
         i = _index(unit)
         r = m.experts[i]
         return ExpertTask(
-            self._shard(i), preset=r.preset, objective=r.objective, conditional=r.num_classes is not None
+            self._shard(i),
+            preset=r.preset,
+            objective=r.objective,
+            conditioning=r.conditioning,
+            label_dropout=r.cond_dropout,
+            hflip=r.hflip,
         )
 
     def _task_and_untrained(self, unit: str):
@@ -314,6 +320,24 @@ class Aggregator:
 
     # -- assembly ------------------------------------------------------------------------------------------------
 
+    def _grid_condition(self, pipe) -> dict:
+        """The sample grid's condition: 6 per class (10 classes at most), 4 held-out captions per shard, or none."""
+        import torch
+
+        from isles.experts.data import decode_captions
+
+        if pipe.conditioning == "text":
+            prompts = []
+            for i in range(len(self.manifest.shards)):
+                val = self._shard(i).val_split()
+                rows = torch.arange(min(4, len(val)))
+                prompts += decode_captions(val.captions[rows]) if val.captions is not None else []
+            return {"prompt": prompts or [""]}
+        classes = pipe.num_classes
+        if classes:
+            return {"n": min(classes, 10) * 6, "class_labels": torch.arange(min(classes, 10)).repeat_interleave(6)}
+        return {"n": 24}
+
     def publish(self) -> Published:
         """Assemble the accepted units into the published layout and publish it as a revision of the ensemble repo."""
         import torch
@@ -330,30 +354,40 @@ class Aggregator:
             if unit == "router":
                 continue
             i = _index(unit)
-            meta = {"unit": unit, "release": _provenance(acc), "preset": m.experts[i].preset}
+            meta = {
+                "unit": unit,
+                "release": _provenance(acc),
+                "preset": m.experts[i].preset,
+                "conditioning": m.experts[i].conditioning,
+                "text_encoder": m.text_encoder.dict() if m.text_encoder else None,
+                # What `isles eval` measures against, and what decodes the expert's latents.
+                "data": {"source": m.dataset, "latent": m.vae is not None, "vae": m.vae.dict() if m.vae else None},
+            }
             model = self._load(unit, acc.verdict.folder)
             # diffusers saves the folder it loaded from; name the release instead, so restarts publish the same bytes.
             model.register_to_config(_name_or_path=f"{acc.release.repo}@{acc.release.revision}")
             experts[i] = Expert(i, model, m.experts[i].objective, meta)
         router = self._load("router", self.accepted["router"].verdict.folder)
         kind = "latents" if any(s.is_latent for s in self._shards.values()) else "pixels"
-        pipe = EnsemblePipeline(experts, router, {"run_id": m.run_id, "name": m.name, "data_kind": kind})
+        config = {"run_id": m.run_id, "name": m.name, "data_kind": kind, "conditioning": m.experts[0].conditioning}
+        if m.text_encoder is not None:
+            config["text_encoder"] = m.text_encoder.dict()
+        if m.vae is not None:
+            config["vae"] = m.vae.dict()
+        pipe = EnsemblePipeline(experts, router, config)
         staging = self.work / "assembling"
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging)
-        # A fixed sample grid: one row per class (or 4 rows unconditional), same seed every time.
+        # A fixed sample grid, same seed every time: one row per class (or held-out captions, or 4 unconditional rows).
         torch.manual_seed(0)
-        classes = pipe.num_classes
-        n = min(classes, 10) * 6 if classes else 24
-        labels = torch.arange(min(classes, 10)).repeat_interleave(6) if classes else None
-        result = pipe(n=n, class_labels=labels, routing="top1", steps=self.config.sample_steps, seed=0)
-        images = result.images
-        if kind == "pixels":
+        images = pipe(routing="top1", steps=self.config.sample_steps, seed=0, **self._grid_condition(pipe)).images
+        has_samples = kind == "pixels" or m.vae is not None
+        if has_samples:
             save_grid(images, staging / SAMPLES_FILE, nrow=6)
         units = sorted(self.accepted, key=m.units.index)
         provenance = {u: _provenance(self.accepted[u]) for u in units}
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        (staging / "README.md").write_text(model_card(m, provenance, self.repo, kind == "pixels"))
+        (staging / "README.md").write_text(model_card(m, provenance, self.repo, has_samples))
         revision = self.out_store.publish(self.repo, staging, kind="model", message=f"ensemble of {len(units)} units")
         files = folder_files(staging)
         final = self.work / "ensemble"
@@ -454,6 +488,8 @@ def model_card(manifest, provenance: dict, repo: str, has_samples: bool) -> str:
         "",
         f"{manifest.description or manifest.dataset}. {len(manifest.shards)} experts, each trained in isolation "
         "on one data cluster by a volunteer, plus a router that picks experts at every denoising step.",
+        "",
+        f"Every unit was verified and the ensemble assembled by isles {isles_version()}.",
         "",
         "| unit | trained by | steps | resumed from | wall s | val loss (limit) | revision |",
         "|---|---|---|---|---|---|---|",

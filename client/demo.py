@@ -2,10 +2,13 @@
 
 Partition digits -> bootstrap node with the manifest -> N volunteers (`isles join`) + the aggregator (`isles aggregate
 --until-complete`) -> sample a grid from the published ensemble -> a summary. Run: `isles demo --quick`.
+`isles demo --text`: the same with the captioned procedural set, text-conditioned PixArt experts and the offline
+MiniLM text encoder, then a grid with one labelled row per prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,10 +47,25 @@ class DemoRecipe:
     settle_period: float
     sample_steps: int
     timeout: float  # the whole demo gives up after this many seconds
+    source: str = "digits"
+    resolution: int | None = None  # default: the source's own
+    conditioning: str | None = None  # None: class labels (digits); "text": captions
+    text_encoder: str = "minilm"  # the offline encoder: nothing is downloaded
+    text_max_length: int = 16  # procedural captions are at most 13 tokens with [CLS] and [SEP]
+    guidance: float = 3.0  # classifier-free guidance of the prompt grid
 
 
 QUICK = DemoRecipe(4, 2, "unet-tiny", 150, 150, 32, 1e-3, 10, 0.99, "cnn-tiny", 10.0, 8.0, 2.0, 1.0, 20, 300.0)
 FULL = DemoRecipe(4, 2, "unet-tiny", 600, 400, 48, 1e-3, 20, 0.995, "cnn-small", 30.0, 20.0, 5.0, 2.0, 30, 1200.0)
+# Text: captioned procedural items at 16x16 (PixArt-tiny sees 64 patches), 2 volunteers.
+TEXT_QUICK = dataclasses.replace(
+    QUICK, preset="pixart-tiny", expert_steps=150, source="procedural:4000", resolution=16, conditioning="text",
+    timeout=480.0,
+)  # fmt: skip
+TEXT_FULL = dataclasses.replace(
+    FULL, preset="pixart-tiny", expert_steps=1200, router_steps=600, global_batch=64, lr=1e-3, ema_decay=0.998,
+    source="procedural:20000", resolution=16, conditioning="text", timeout=3600.0,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,17 +162,21 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
     deadline = started + r.timeout
     children: list[Child] = []
     try:
-        log(f"demo: partitioning digits into {config.experts} shards (work folder {work})")
+        log(f"demo: partitioning {r.source} into {config.experts} shards (work folder {work})")
         # 1. Shards and the run manifest, published to a local store in the work folder.
         from isles.router.partition import PartitionConfig, partition
 
         partition(
             PartitionConfig(
-                source="digits",
+                source=r.source,
+                resolution=r.resolution,
+                conditioning=r.conditioning,
+                text_encoder=r.text_encoder,
+                text_max_length=r.text_max_length,
                 experts=config.experts,
                 out=work / "run",
                 store=str(store),
-                name="digits-demo",
+                name="text-demo" if r.conditioning == "text" else "digits-demo",
                 seed=config.seed,
                 preset=r.preset,
                 steps=r.expert_steps,
@@ -269,12 +291,19 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
         )
         children.append(agg)
 
+        volunteers = [c for c in children if c.name.startswith("volunteer")]
+        reported: set[str] = set()
+
         def finished():
             if agg.proc.poll() is not None:
                 return True
-            for c in children:
-                if c.name.startswith("volunteer") and c.proc.poll() not in (None, 0):
+            failed = [c for c in volunteers if c.proc.poll() not in (None, 0)]
+            for c in failed:
+                if c.name not in reported:
+                    reported.add(c.name)
                     log(f"demo: {c.name} exited with {c.proc.returncode}; the others carry on")
+            if len(failed) == len(volunteers):  # nobody is left to train: waiting for the timeout helps no one
+                raise IslesError("every volunteer of the demo failed", hint=f"see {failed[0].log_path}")
             return False
 
         _wait_for(finished, max(10.0, deadline - time.monotonic()), "the ensemble to be complete", agg.log_path, stop)
@@ -292,6 +321,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
         if summary.get("samples"):
             shutil.copyfile(summary["samples"], work / "samples.png")
             summary["samples"] = str(work / "samples.png")
+        if r.conditioning == "text":
+            summary["prompt_grid"] = str(prompt_grid(summary["ensemble"], work / "prompts.png", r))
+            summary["prompts"] = demo_prompts()
         summary["run_id"] = run_id
         summary["work_dir"] = str(work)
         summary["logs"] = str(logs)
@@ -300,3 +332,41 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
     finally:
         for c in reversed(children):
             c.stop()
+
+
+# One row each in the text demo's grid: every family, and each attribute a caption names (colour, size, position).
+# Procedural attribute rows (class, colour, position, size; -1 where it does not apply), captioned by the data set's
+# own grammar so the prompts are sentences the experts were trained on.
+DEMO_ATTRIBUTES = [
+    [3, 0, 4, 1],  # a large red 3 in the center
+    [7, 5, 0, 0],  # a small blue 7 at the top left
+    [10, 3, 4, 1],  # a large green circle in the center
+    [11, 2, 8, 0],  # a small yellow square at the bottom right
+    [13, 6, 2, 1],  # a large purple ring at the top right
+    [14, 1, -1, -1],  # orange stripes
+    [15, 4, -1, -1],  # a cyan checkerboard
+    [17, 7, 1, -1],  # a pink radial gradient at the top
+]
+
+
+def demo_prompts() -> list[str]:
+    from isles.experts.procedural import caption
+
+    return [caption(row) for row in DEMO_ATTRIBUTES]
+
+
+def prompt_grid(ensemble: str, path: Path, recipe: DemoRecipe, per_prompt: int = 8) -> Path:
+    """Sample the published text ensemble: one row per prompt of DEMO_PROMPTS, labelled; returns the PNG's path."""
+    from isles.experts.data import to_pixels
+    from isles.router.ensemble import EnsemblePipeline
+
+    from .cli.sample import image_grid, labelled_rows, save_png
+
+    pipe = EnsemblePipeline.from_pretrained(ensemble, device="cpu")
+    rows = demo_prompts()
+    prompts = [p for p in rows for _ in range(per_prompt)]
+    images = pipe(prompt=prompts, routing="top1", steps=recipe.sample_steps, seed=0, guidance_scale=recipe.guidance)
+    scale = max(1, 48 // images.images.shape[-1])
+    grid = image_grid(to_pixels(images.images), cols=per_prompt, scale=scale)
+    save_png(labelled_rows(grid, rows, row_height=grid.height // len(rows)), path)
+    return path

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
+from isles.protocol.installation import default_work_dir, isles_version
 
 from .display import TrainingDisplay
 from .handoff import Pusher
@@ -30,7 +31,6 @@ from .run_access import (
 )
 
 log = logging.getLogger("isles.join")
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class JoinConfig:
     token: str | None = None
     device: str = "auto"
     max_units: int | None = None
-    work_dir: Path = Path("isles-work")
+    work_dir: Path = field(default_factory=lambda: default_work_dir("join"))  # never the current folder
     checkpoint_period: float = 180.0
     lease_ttl: float = 60.0
     heartbeat_period: float = 15.0
@@ -92,7 +92,7 @@ class Volunteer:
             self.manifest = find_manifest(self.swarm, c.run_id, c.run_timeout, self.stop)
             m = self.manifest
             needs = {}
-            for r in {(e.preset, e.channels, e.resolution, e.num_classes) for e in m.experts}:
+            for r in {(e.preset, e.channels, e.resolution, e.num_classes, e.text_width) for e in m.experts}:
                 needs[f"{r[0]} {r[2]}x{r[2]}x{r[1]}"] = param_count(*r)
             self.machine = check_machine(c.device, c.work_dir, needs)
             for line in self.machine.summary_lines():
@@ -263,7 +263,9 @@ class Volunteer:
             shards[i],
             preset=recipe.preset,
             objective=recipe.objective,
-            conditional=recipe.num_classes is not None,
+            conditioning=recipe.conditioning,
+            label_dropout=recipe.cond_dropout,
+            hflip=recipe.hflip,
             shard_info={
                 "repo": ref.repo,
                 "revision": ref.revision,
@@ -402,7 +404,7 @@ class Volunteer:
                 unit=self._unit,
                 updated_time=dht_time(),
                 hardware=self.machine.hardware if hasattr(self, "machine") else "",
-                version=VERSION,
+                version=isles_version(),
             )
             self.swarm.put_presence(self.manifest.run_id, presence, self.config.lease_ttl)
         except Exception as exc:  # presence is informational: never fail training over it

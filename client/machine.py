@@ -101,14 +101,16 @@ def _device_memory(device: str) -> tuple[str, int]:
     return name, _available_ram_bytes()
 
 
-def param_count(preset: str, channels: int, resolution: int, num_classes: int | None) -> int:
+def param_count(
+    preset: str, channels: int, resolution: int, num_classes: int | None, text_width: int | None = None
+) -> int:
     """Parameters of a preset at a data shape, counted on the meta device (no memory, no time)."""
     import torch
 
     from isles.experts.presets import build_model
 
     with torch.device("meta"):
-        model = build_model(preset, channels, resolution, num_classes)
+        model = build_model(preset, channels, resolution, num_classes, text_width)
     return sum(p.numel() for p in model.parameters())
 
 

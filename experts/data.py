@@ -1,6 +1,6 @@
-"""Shard data: fixed-shape items (uint8 images or float latents), labels, cluster ids and a validation split.
+"""Shard data: fixed-shape items (uint8 images or float latents), labels, text embeddings, cluster ids, a validation
+split. A shard is one safetensors file (experts/shard_file.py), written atomically, named by sha256, read lazily.
 
-A shard is one safetensors file (tensors + JSON metadata in its header), written atomically and named by sha256.
 `load_source("digits" | <image folder> | "hf:<name>")` reads a whole data set into one ShardData (cluster 0).
 Images only: items are [N, C, H, W]; video clips ([N, C, F, H, W], Paris 2.0) are not supported yet.
 """
@@ -15,34 +15,49 @@ from typing import Any
 import torch
 
 from isles.protocol.errors import IslesError
-from isles.protocol.files import atomic_write_bytes, sha256_file
+from isles.protocol.files import sha256_file
+
+from .shard_file import LazyColumn, ShardFile, ShardWriter, take_rows
 
 FORMAT = "isles-shard-1"
 VAL_FRACTION = 0.1
-REQUIRED = {"items", "clusters", "val_mask"}  # tensors every shard file holds (labels are optional)
+REQUIRED = {"items", "clusters", "val_mask"}  # tensors every shard file holds (labels and text are optional)
+CAPTION_BYTES = 256  # a caption is kept beside its embedding as UTF-8, zero-padded (cut at this many bytes)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+Column = torch.Tensor | LazyColumn  # a tensor in memory, or rows of a shard file read on demand
 
 
 @dataclass
 class ShardData:
     """N items of one shape. items: uint8 [N, C, H, W] pixels (0..255) or float latents; labels: int64 [N] or
-    None; clusters: int64 [N]; val_mask: bool [N] (True = held out for validation); meta: JSON-able dict with at
-    least num_classes (None if unlabelled) and source."""
+    None; clusters: int64 [N]; val_mask: bool [N] (True = held out for validation); text: float16 [N, L, D] token
+    embeddings of each item's caption and text_mask: uint8 [N, L] (or both None); null_text: the empty caption's
+    ([L, D], [L]), the condition of classifier-free guidance; attributes: int64 [N, A] (procedural data, for
+    evaluation) or None; meta: JSON-able dict with at least num_classes (None if unlabelled) and source.
+    items, text and text_mask may be LazyColumns: rows are read from the shard file when indexed."""
 
-    items: torch.Tensor
+    items: Column
     labels: torch.Tensor | None
     clusters: torch.Tensor
     val_mask: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    text: Column | None = None
+    text_mask: Column | None = None
+    null_text: tuple[torch.Tensor, torch.Tensor] | None = None
+    attributes: torch.Tensor | None = None
+    captions: Column | None = None  # uint8 [N, CAPTION_BYTES]: the caption text (`decode_captions`)
 
     def __post_init__(self) -> None:
         n = self.items.shape[0]
         if self.items.ndim != 4:
             raise IslesError(f"shard items must be [N, C, H, W], got shape {list(self.items.shape)}")
-        for name in ("labels", "clusters", "val_mask"):
+        for name in ("labels", "clusters", "val_mask", "text", "text_mask", "attributes", "captions"):
             value = getattr(self, name)
-            if value is not None and tuple(value.shape) != (n,):
-                raise IslesError(f"shard {name} has shape {list(value.shape)}, expected [{n}]")
+            if value is not None and value.shape[0] != n:
+                raise IslesError(f"shard {name} has {value.shape[0]} rows, expected {n}")
+        if (self.text is None) != (self.text_mask is None) or (self.text is not None and self.null_text is None):
+            raise IslesError("a shard with text needs its embeddings, masks and the null (empty caption) embedding")
         self.meta.setdefault("num_classes", None)
 
     def __len__(self) -> int:
@@ -58,17 +73,26 @@ class ShardData:
         return self.items.dtype != torch.uint8
 
     @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+    @property
     def num_classes(self) -> int | None:
         return self.meta.get("num_classes")
 
     def subset(self, mask_or_index: torch.Tensor) -> ShardData:
-        """The items selected by a bool mask or an index tensor (metadata kept)."""
+        """The items selected by a bool mask or an index tensor (metadata kept; lazy columns stay lazy)."""
         return ShardData(
-            items=self.items[mask_or_index],
-            labels=None if self.labels is None else self.labels[mask_or_index],
+            items=take_rows(self.items, mask_or_index),
+            labels=take_rows(self.labels, mask_or_index),
             clusters=self.clusters[mask_or_index],
             val_mask=self.val_mask[mask_or_index],
             meta=dict(self.meta),
+            text=take_rows(self.text, mask_or_index),
+            text_mask=take_rows(self.text_mask, mask_or_index),
+            null_text=self.null_text,
+            attributes=take_rows(self.attributes, mask_or_index),
+            captions=take_rows(self.captions, mask_or_index),
         )
 
     def train_split(self) -> ShardData:
@@ -105,52 +129,84 @@ def split_mask(n: int, fraction: float = VAL_FRACTION, seed: int = 0) -> torch.T
 # --- the file format -----------------------------------------------------------------------------------------------
 
 
-def shard_bytes(shard: ShardData) -> bytes:
-    from safetensors.torch import save
-
-    tensors = {"items": shard.items.contiguous(), "clusters": shard.clusters.to(torch.int64).contiguous()}
-    tensors["val_mask"] = shard.val_mask.to(torch.uint8).contiguous()  # bool is not portable across readers
-    if shard.labels is not None:
-        tensors["labels"] = shard.labels.to(torch.int64).contiguous()
+def shard_header(meta: dict) -> dict[str, str]:
     # One metadata key: safetensors writes several in hash-map order, and equal shards must be equal bytes.
-    header = json.dumps({"format": FORMAT, "meta": shard.meta}, sort_keys=True)
-    return save(tensors, metadata={"isles": header})
+    return {"isles": json.dumps({"format": FORMAT, "meta": meta}, sort_keys=True)}
 
 
-def save_shard(shard: ShardData, path: str | Path) -> str:
-    """Write the shard as one safetensors file (atomically) and return its sha256."""
-    import hashlib
+def shard_columns(shard: ShardData, rows: torch.Tensor | slice = slice(None)) -> dict[str, torch.Tensor | None]:
+    """The row tensors of `shard` (at `rows`) as a ShardWriter appends them."""
+    return {
+        "items": shard.items[rows],
+        "clusters": shard.clusters[rows].to(torch.int64),
+        "val_mask": shard.val_mask[rows].to(torch.uint8),
+        "labels": None if shard.labels is None else shard.labels[rows].to(torch.int64),
+        "text": None if shard.text is None else shard.text[rows].to(torch.float16),
+        "text_mask": None if shard.text_mask is None else shard.text_mask[rows].to(torch.uint8),
+        "attributes": None if shard.attributes is None else shard.attributes[rows].to(torch.int64),
+        "captions": None if shard.captions is None else shard.captions[rows],
+    }
 
-    data = shard_bytes(shard)
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+
+def encode_captions(captions: list[str]) -> torch.Tensor:
+    """Captions as a uint8 [N, CAPTION_BYTES] tensor of zero-padded UTF-8 (cut at a character boundary)."""
+    out = torch.zeros(len(captions), CAPTION_BYTES, dtype=torch.uint8)
+    for i, caption in enumerate(captions):
+        data = caption.encode()[:CAPTION_BYTES].decode(errors="ignore").encode()
+        out[i, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else out[i, :0]
+    return out
+
+
+def decode_captions(rows: torch.Tensor) -> list[str]:
+    return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in rows]
+
+
+def set_null_text(writer: ShardWriter, null_text: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    if null_text is not None:
+        writer.set_extra("null_text", null_text[0].to(torch.float16))
+        writer.set_extra("null_text_mask", null_text[1].to(torch.uint8))
+
+
+def save_shard(shard: ShardData, path: str | Path, batch: int = 4096) -> str:
+    """Write the shard as one safetensors file (atomically, a batch of rows at a time) and return its sha256."""
+    writer = ShardWriter(path)
+    try:
+        for start in range(0, max(len(shard), 1), batch):
+            writer.append(**shard_columns(shard, slice(start, start + batch)))
+        set_null_text(writer, shard.null_text)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close(shard_header(shard.meta))
 
 
 def load_shard(path: str | Path, sha256: str | None = None) -> ShardData:
-    """Read a shard file; with `sha256`, refuse a file whose hash differs (a corrupt or wrong download)."""
-    from safetensors import SafetensorError, safe_open
-
+    """Open a shard file: small columns are read now, items and text embeddings lazily (memory does not grow with
+    the shard). With `sha256`, refuse a file whose hash differs (a corrupt or wrong download)."""
     path = Path(path)
     if not path.is_file():
         raise IslesError(f"shard file not found: {path}", hint="check the path, or use a built-in source: digits")
     if sha256 is not None and sha256_file(path) != sha256:
         raise IslesError(f"shard {path} is corrupt: its sha256 does not match", hint="delete it and download again")
+    f = ShardFile(path)
     try:
-        with safe_open(path, framework="pt") as f:  # tensor by tensor: a large shard is not held in memory twice
-            metadata = json.loads((f.metadata() or {}).get("isles", "{}"))
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, ValueError, OSError, AttributeError) as exc:
-        raise IslesError(
-            f"{path} is not a readable shard file ({exc})", hint="rebuild it with `isles partition`"
-        ) from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or not REQUIRED <= tensors.keys():
+        metadata = json.loads(f.metadata.get("isles", "{}"))
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or not REQUIRED <= f.entries.keys():
         raise IslesError(f"{path} is a safetensors file but not an isles shard", hint="rebuild it with isles")
+    has_text = {"text", "text_mask", "null_text", "null_text_mask"} <= f.entries.keys()
     return ShardData(
-        items=tensors["items"],
-        labels=tensors.get("labels"),
-        clusters=tensors["clusters"],
-        val_mask=tensors["val_mask"].bool(),
+        items=f.column("items"),
+        labels=f.tensor("labels") if "labels" in f else None,
+        clusters=f.tensor("clusters"),
+        val_mask=f.tensor("val_mask").bool(),
         meta=metadata.get("meta", {}),
+        text=f.column("text") if has_text else None,
+        text_mask=f.column("text_mask") if has_text else None,
+        null_text=(f.tensor("null_text"), f.tensor("null_text_mask")) if has_text else None,
+        attributes=f.tensor("attributes") if "attributes" in f else None,
+        captions=f.column("captions") if "captions" in f else None,
     )
 
 

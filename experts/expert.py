@@ -15,10 +15,20 @@ import torch
 
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_bytes, atomic_write_json
+from isles.protocol.installation import isles_version
 
+from .conditioning import CONDITIONINGS, TextCondition, cat_conditions
 from .data import ShardData, to_model_space, to_pixels
 from .objectives import check_objective, draw_noise, expert_velocity, loss_at, sample_euler
-from .presets import build_model, get_preset, model_forward, model_num_classes, null_class, preset_stats
+from .presets import (
+    build_model,
+    get_preset,
+    is_text_preset,
+    model_forward,
+    model_num_classes,
+    null_class,
+    preset_stats,
+)
 
 EXPERT_FORMAT = "isles-expert-1"
 VAL_SEED = 1234  # validation noise is fixed, so two evaluations of one model give the same number
@@ -30,8 +40,11 @@ class ExpertTask:
     shard: ShardData
     preset: str = "unet-tiny"
     objective: str = "fm"
-    label_dropout: float = 0.1  # labels replaced by the null class this often, so CFG works at sampling
-    conditional: bool = True  # use the shard's labels when it has them
+    # Labels (or captions) replaced by the null class (or the empty caption) this often, so CFG works at sampling.
+    label_dropout: float = 0.1
+    # "class", "text" or "none"; "auto": text for a text preset, else class when the shard has labels.
+    conditioning: str = "auto"
+    hflip: bool = False  # flip each training item left-right with probability 1/2 (where the data allows it)
     shard_info: dict[str, Any] = field(default_factory=dict)  # where the shard came from (repo, sha256, cluster)
     recipe: dict[str, Any] = field(default_factory=dict)  # recorded in expert.json
 
@@ -41,7 +54,10 @@ class ExpertTask:
         c, h, w = self.shard.shape
         if h != w:
             raise IslesError(f"items are {h}x{w}; isles presets need square items", hint="resize the data")
-        self.num_classes = self.shard.num_classes if (self.conditional and self.shard.labels is not None) else None
+        self.conditioning = self._resolve_conditioning()
+        self.text_width = self.shard.text.shape[2] if self.conditioning == "text" else None
+        self.text_length = self.shard.text.shape[1] if self.conditioning == "text" else None
+        self.num_classes = self.shard.num_classes if self.conditioning == "class" else None
         if self.num_classes is not None and len(self.shard):
             low, top = int(self.shard.labels.min()), int(self.shard.labels.max())
             if low < 0 or top >= self.num_classes:
@@ -54,10 +70,31 @@ class ExpertTask:
         if len(self._train) == 0:
             raise IslesError("the shard has no training items (all are held out for validation)")
 
+    def _resolve_conditioning(self) -> str:
+        text_preset = is_text_preset(self.preset)
+        kind = self.conditioning
+        if kind == "auto":
+            kind = "text" if text_preset else "class"
+        if kind not in CONDITIONINGS:
+            raise IslesError(f"unknown conditioning {kind!r}", hint=f"use one of: {', '.join(CONDITIONINGS)}")
+        if kind == "text":
+            if not text_preset:
+                raise IslesError(f"{self.preset} is not a text preset", hint="use pixart-* or unet-cond-*")
+            if not self.shard.has_text:
+                raise IslesError(
+                    "the shard holds no caption embeddings",
+                    hint="partition a captioned source with --conditioning text, or pick a class/unconditional preset",
+                )
+        elif text_preset:
+            raise IslesError(f"{self.preset} is a text preset; it needs --conditioning text and captioned data")
+        if kind == "class" and self.shard.labels is None:
+            kind = "none"  # a class model of unlabelled data is an unconditional one
+        return kind
+
     # --- the trainer's task protocol -----------------------------------------------------------------------------
     def describe(self) -> dict:
         c, h, _ = self.shard.shape
-        return {
+        identity = {
             "kind": "expert",
             "preset": self.preset,
             "objective": self.objective,
@@ -67,17 +104,23 @@ class ExpertTask:
             "train_items": len(self._train),
             "shard_sha256": self.shard_info.get("sha256"),
         }
+        if self.conditioning == "text":
+            identity.update(conditioning="text", text_width=self.text_width, text_length=self.text_length)
+        if self.hflip:
+            identity["hflip"] = True
+        return identity
 
     def build_model(self) -> torch.nn.Module:
         c, h, _ = self.shard.shape
-        return build_model(self.preset, c, h, self.num_classes)
+        return build_model(self.preset, c, h, self.num_classes, self.text_width)
 
     def train_size(self) -> int:
         return len(self._train)
 
     def flops_per_sample(self) -> int:
         c, h, _ = self.shard.shape
-        return preset_stats(self.preset, c, h, self.num_classes)["train_flops_per_sample"]
+        stats = preset_stats(self.preset, c, h, self.num_classes, self.text_width, self.text_length or 77)
+        return stats["train_flops_per_sample"]
 
     def make_batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x0 = to_model_space(self._train.items[indices])  # per batch: uint8 stays 4x smaller than floats in memory
@@ -87,12 +130,31 @@ class ExpertTask:
             labels = self._train.labels[indices]
             drop = torch.rand(len(indices), generator=generator) < self.label_dropout
             batch["labels"] = torch.where(drop, self.num_classes, labels)  # num_classes is the null class
+        elif self.conditioning == "text":
+            drop = torch.rand(len(indices), generator=generator) < self.label_dropout
+            null_emb, null_mask = self.shard.null_text
+            emb, mask = self._train.text[indices].float(), self._train.text_mask[indices].float()
+            batch["text"] = torch.where(drop[:, None, None], null_emb.float(), emb)  # the empty caption
+            batch["text_mask"] = torch.where(drop[:, None], null_mask.float(), mask)
+        if self.hflip:  # drawn last, so runs without flips keep the random stream they always had
+            flip = torch.rand(len(indices), generator=generator) < 0.5
+            batch["x0"] = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         return batch
 
+    def condition(self, batch: dict[str, torch.Tensor]):
+        """The model's condition from a (micro-)batch: labels, a TextCondition, or None."""
+        if "text" in batch:
+            return TextCondition(batch["text"], batch["text_mask"])
+        return batch.get("labels")
+
+    def null_condition(self) -> TextCondition | None:
+        """The empty caption's embedding (text tasks; one row), the null condition of classifier-free guidance."""
+        return TextCondition.from_rows(*self.shard.null_text) if self.conditioning == "text" else None
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch.get("labels")
+        cond = self.condition(batch)
         return loss_at(
-            self.objective, lambda x, ts: model_forward(model, x, ts, labels), batch["x0"], batch["t"], batch["eps"]
+            self.objective, lambda x, ts: model_forward(model, x, ts, cond), batch["x0"], batch["t"], batch["eps"]
         )
 
     @torch.no_grad()
@@ -116,10 +178,14 @@ class ExpertTask:
             _, eps = draw_noise(x0, generator)
             idx = torch.arange(start, start + len(x0))
             t = (idx.float() * 0.618034 + 0.5) % 1.0  # a low-discrepancy spread of t over the whole range
-            labels = None if self.num_classes is None else data.labels[start : start + 128].to(device)
+            rows = slice(start, start + 128)
+            if self.conditioning == "text":
+                cond = TextCondition.from_rows(data.text[rows], data.text_mask[rows]).to(device)
+            else:
+                cond = None if self.num_classes is None else data.labels[rows].to(device)
             loss = loss_at(
                 self.objective,
-                lambda x, ts, lab=labels: model_forward(model, x, ts, lab),
+                lambda x, ts, c=cond: model_forward(model, x, ts, c),
                 x0.to(device),
                 t.to(device),
                 eps.to(device),
@@ -140,6 +206,7 @@ class ExpertTask:
             metrics=metrics,
             data_meta=self.shard.meta,
             label_dropout=self.label_dropout,
+            conditioning=self.conditioning,
         )
 
 
@@ -157,6 +224,7 @@ def export_expert(
     metrics: dict | None = None,
     data_meta: dict | None = None,
     label_dropout: float = 0.1,
+    conditioning: str | None = None,
 ) -> None:
     """Write a diffusers folder + expert.json + README.md (model card with Hub metadata) for one expert."""
     folder = Path(folder)
@@ -172,7 +240,9 @@ def export_expert(
         "null_class": null_class(model),
         "class_names": data_meta.get("class_names"),
         "label_dropout": label_dropout,
-        "data": {"source": data_meta.get("source"), "latent": data_meta.get("latent")},
+        "conditioning": conditioning or ("class" if model_num_classes(model) else "none"),
+        "text_encoder": data_meta.get("text_encoder"),  # what embeds prompts for this expert (text models)
+        "data": {"source": data_meta.get("source"), "latent": data_meta.get("latent"), "vae": data_meta.get("vae")},
         "shard": shard or {},
         "recipe": recipe or {},
         "metrics": metrics or {},
@@ -184,7 +254,9 @@ def export_expert(
 def model_card(info: dict) -> str:
     metrics = info.get("metrics", {})
     tags = ["isles", "decentralized-diffusion", "diffusion", f"objective-{info['objective']}", info["preset"]]
-    front = ["---", "library_name: diffusers", "license: apache-2.0", "pipeline_tag: unconditional-image-generation"]
+    text = info.get("conditioning") == "text"
+    tag = "text-to-image" if text else "unconditional-image-generation"
+    front = ["---", "library_name: diffusers", "license: apache-2.0", f"pipeline_tag: {tag}"]
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     lines = [
         f"# isles expert ({info['preset']}, {info['objective']})",
@@ -198,12 +270,15 @@ def model_card(info: dict) -> str:
         "```",
         "",
         f"- objective: `{info['objective']}` (flow path x_t = (1-t) x0 + t eps; see expert.json)",
-        f"- classes: {info['num_classes'] if info['num_classes'] is not None else 'unconditional'}"
+        f"- conditioning: captions embedded by `{(info.get('text_encoder') or {}).get('id')}` (empty caption for CFG)"
+        if text
+        else f"- classes: {info['num_classes'] if info['num_classes'] is not None else 'unconditional'}"
         + (f" (null class {info['null_class']} for classifier-free guidance)" if info["num_classes"] else ""),
         f"- shard: `{json.dumps(info.get('shard', {}), sort_keys=True)}`",
         f"- steps: {metrics.get('steps')}, final loss: {metrics.get('final_loss')}, "
         f"validation loss: {metrics.get('val_loss')}, wall time: {metrics.get('wall_time_s')} s",
         f"- hardware: {metrics.get('hardware', {}).get('name', '?')} ({metrics.get('hardware', {}).get('device')})",
+        f"- trained with isles {isles_version()}",
         "",
     ]
     return "\n".join(front + lines)
@@ -225,27 +300,36 @@ def sample_expert(
     objective: str,
     n: int,
     steps: int = 50,
-    labels: torch.Tensor | None = None,
+    labels=None,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     clip_x0: float | None = 1.0,
+    null_cond: TextCondition | None = None,
 ) -> torch.Tensor:
-    """n samples (model space, [-1, 1] for pixels) from one expert with Euler steps in velocity space; with labels
-    and guidance_scale != 1, classifier-free guidance v = v_null + s (v_label - v_null)."""
+    """n samples (model space, [-1, 1] for pixels) from one expert with Euler steps in velocity space. `labels`: class
+    labels [n], or a TextCondition for a text model (then `null_cond`, the empty caption, is the unconditional
+    input). With guidance_scale != 1, classifier-free guidance v = v_null + s (v_cond - v_null)."""
     model.eval()
     device = next(model.parameters()).device
     config = model.config
     c = config.in_channels
     res = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    if labels is not None:
-        labels = labels.to(device)
+    cond = None if labels is None else labels.to(device)
+    if isinstance(cond, TextCondition) and null_cond is None:
+        raise IslesError("a text model needs the empty caption's embedding to sample with guidance")
+    null = null_cond.expand(n).to(device) if isinstance(cond, TextCondition) else None
+
+    def predict(c, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return expert_velocity(objective, lambda xi, ts: model_forward(model, xi, ts, c), x, t, clip_x0)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond = expert_velocity(objective, lambda xi, ts: model_forward(model, xi, ts, labels), x, t, clip_x0)
-        if labels is None or guidance_scale == 1.0:
-            return cond
-        uncond = expert_velocity(objective, lambda xi, ts: model_forward(model, xi, ts, None), x, t, clip_x0)
-        return uncond + guidance_scale * (cond - uncond)
+        if cond is None or guidance_scale == 1.0:
+            return predict(cond, x, t)
+        if null is None:  # a class model: no labels means the null class
+            v_cond, v_null = predict(cond, x, t), predict(None, x, t)
+        else:  # a text model: one pass over [prompt; empty caption]
+            v_cond, v_null = predict(cat_conditions(cond, null), torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        return v_null + guidance_scale * (v_cond - v_null)
 
     return sample_euler(velocity, (n, c, res, res), steps, generator=generator, device=device)
 

@@ -1,7 +1,10 @@
-"""Named model sizes: real diffusers models (UNet2DModel, DiTTransformer2DModel) that adapt to the data's shape.
+"""Named model sizes: real diffusers models that adapt to the data's shape. Class-conditional or unconditional:
+UNet2DModel, DiTTransformer2DModel; text-conditioned (cross-attention to caption token embeddings):
+PixArtTransformer2DModel (adaLN-single, the shape of Paris 1.0's experts) and UNet2DConditionModel.
 
-`build_model("unet-tiny", channels=1, resolution=8, num_classes=10)`; `model_forward(model, x, timestep, labels)`;
-`load_model(folder)`. Class-conditional models keep one extra "null" class for classifier-free guidance.
+`build_model("unet-tiny", channels=1, resolution=8, num_classes=10)`, `build_model("pixart-tiny", 4, 16,
+text_width=384)`; `model_forward(model, x, timestep, labels | TextCondition)`; `load_model(folder)`.
+Class-conditional models keep one extra "null" class for classifier-free guidance; text models use the empty caption.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from isles.protocol.errors import IslesError
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "unet" or "dit"
+    family: str  # "unet" or "dit" (class / unconditional), "pixart" or "unet-cond" (text)
     # unet: base width, per-level multipliers, resnets per level, levels (from the finest) that get attention
     base: int = 0
     mults: tuple[int, ...] = ()
@@ -49,8 +52,18 @@ PRESETS: dict[str, Preset] = {
         Preset("dit-b-4", "dit", layers=12, heads=12, head_dim=64, patch=4),
         Preset("dit-l-2", "dit", layers=24, heads=16, head_dim=64, patch=2),
         Preset("dit-xl-2", "dit", layers=28, heads=16, head_dim=72, patch=2, note="DDM / Paris 1.0 expert size"),
+        # Text-conditioned: cross-attention to the caption's token embeddings (Paris 1.0: DiT-XL/2 + adaLN-single).
+        Preset("pixart-tiny", "pixart", layers=4, heads=4, head_dim=32, patch=2, note="text; trains on a CPU"),
+        Preset("pixart-s-2", "pixart", layers=12, heads=6, head_dim=64, patch=2, note="text"),
+        Preset("pixart-b-2", "pixart", layers=12, heads=12, head_dim=64, patch=2, note="text; Paris 1.0 DiT-B/2"),
+        Preset("pixart-xl-2", "pixart", layers=28, heads=16, head_dim=72, patch=2, note="text; Paris 1.0 expert"),
+        Preset("unet-cond-tiny", "unet-cond", base=32, mults=(1, 2, 2), layers_per_block=1, note="text; CPU"),
+        Preset("unet-cond-small", "unet-cond", base=64, mults=(1, 2, 2, 2), layers_per_block=2, note="text"),
+        Preset("unet-cond-base", "unet-cond", base=128, mults=(1, 2, 2, 2), layers_per_block=2, note="text"),
     ]
 }
+TEXT_FAMILIES = ("pixart", "unet-cond")
+TEXT_CLASSES = ("PixArtTransformer2DModel", "UNet2DConditionModel")
 ALIASES = {"tiny": "unet-tiny", "small": "unet-small", "dit": "dit-tiny"}
 
 
@@ -68,24 +81,33 @@ def _groups(width: int) -> int:
     return math.gcd(32, width)
 
 
-def model_config(preset: str, channels: int, resolution: int, num_classes: int | None) -> dict:
-    """The diffusers constructor arguments of `preset` for data of shape [channels, resolution, resolution]."""
+def is_text_preset(preset: str) -> bool:
+    return get_preset(preset).family in TEXT_FAMILIES
+
+
+def model_config(
+    preset: str, channels: int, resolution: int, num_classes: int | None, text_width: int | None = None
+) -> dict:
+    """The diffusers constructor arguments of `preset` for data of shape [channels, resolution, resolution],
+    conditioned on num_classes classes, on caption token embeddings of width text_width, or on nothing."""
     p = get_preset(preset)
     if channels < 1 or resolution < 2:
         raise IslesError(f"cannot build {p.name} for data of shape [{channels}, {resolution}, {resolution}]")
     if num_classes is not None and num_classes < 1:
         raise IslesError(f"num_classes must be at least 1 (got {num_classes}); use None for unconditional models")
-    if p.family == "unet":
-        # Each level but the last halves the resolution; stop at 4x4 so small images (digits are 8x8) still fit.
-        if resolution % 2:
+    if p.family in TEXT_FAMILIES:
+        if text_width is None or num_classes is not None:
             raise IslesError(
-                f"{p.name} needs an even resolution (got {resolution})", hint="resize the data or use a dit preset"
+                f"{p.name} is a text-conditioned preset: it needs captioned data (and takes no classes)",
+                hint="partition a captioned source with --conditioning text, or pick a unet-*/dit-* preset",
             )
-        max_levels = max(1, int(math.log2(resolution)) - 1)
-        while max_levels > 1 and resolution % (2 ** (max_levels - 1)):
-            max_levels -= 1
-        mults = p.mults[:max_levels]
-        widths = tuple(p.base * m for m in mults)
+        return _text_model_config(p, channels, resolution, text_width)
+    if text_width is not None:
+        raise IslesError(
+            f"{p.name} takes a class or nothing, not text", hint="pick a text preset: pixart-* or unet-cond-*"
+        )
+    if p.family == "unet":
+        widths = _unet_levels(p, resolution)
         down = tuple("AttnDownBlock2D" if i >= p.attn_from_level else "DownBlock2D" for i in range(len(widths)))
         up = tuple("AttnUpBlock2D" if i >= p.attn_from_level else "UpBlock2D" for i in reversed(range(len(widths))))
         return {
@@ -121,12 +143,70 @@ def model_config(preset: str, channels: int, resolution: int, num_classes: int |
     }
 
 
-def _instantiate(config: dict) -> torch.nn.Module:
-    from diffusers import DiTTransformer2DModel, UNet2DModel
+def _unet_levels(p: Preset, resolution: int) -> tuple[int, ...]:
+    """Widths of a UNet's levels: each level but the last halves the resolution; stop at 4x4 (digits are 8x8)."""
+    if resolution % 2:
+        raise IslesError(
+            f"{p.name} needs an even resolution (got {resolution})", hint="resize the data or use a dit preset"
+        )
+    max_levels = max(1, int(math.log2(resolution)) - 1)
+    while max_levels > 1 and resolution % (2 ** (max_levels - 1)):
+        max_levels -= 1
+    return tuple(p.base * m for m in p.mults[:max_levels])
 
+
+def _text_model_config(p: Preset, channels: int, resolution: int, text_width: int) -> dict:
+    if p.family == "pixart":
+        if resolution % p.patch:
+            raise IslesError(f"{p.name} uses {p.patch}x{p.patch} patches, which do not tile {resolution}x{resolution}")
+        return {
+            "_class_name": "PixArtTransformer2DModel",
+            "sample_size": resolution,
+            "in_channels": channels,
+            "out_channels": channels,  # no learned variance: isles predicts velocity or noise only
+            "num_layers": p.layers,
+            "num_attention_heads": p.heads,
+            "attention_head_dim": p.head_dim,
+            "patch_size": p.patch,
+            "cross_attention_dim": p.heads * p.head_dim,
+            "caption_channels": text_width,  # the text encoder's width, projected to the model's
+            "norm_type": "ada_norm_single",  # adaLN-single: one timestep MLP shared by every block (PixArt-alpha)
+            "num_embeds_ada_norm": 1000,
+            "use_additional_conditions": False,  # no resolution / aspect-ratio embedding
+        }
+    widths = _unet_levels(p, resolution)
+    down = tuple("CrossAttnDownBlock2D" if i >= p.attn_from_level else "DownBlock2D" for i in range(len(widths)))
+    up = tuple("CrossAttnUpBlock2D" if i >= p.attn_from_level else "UpBlock2D" for i in reversed(range(len(widths))))
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": resolution,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": widths,
+        "down_block_types": down,
+        "up_block_types": up,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "layers_per_block": p.layers_per_block,
+        "attention_head_dim": 4 if p.base < 64 else 8,  # heads per block, in UNet2DConditionModel's naming
+        "norm_num_groups": _groups(p.base),
+        "cross_attention_dim": text_width,
+    }
+
+
+def _model_classes() -> dict[str, type]:
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+
+    return {
+        "UNet2DModel": UNet2DModel,
+        "DiTTransformer2DModel": DiTTransformer2DModel,
+        "PixArtTransformer2DModel": PixArtTransformer2DModel,
+        "UNet2DConditionModel": UNet2DConditionModel,
+    }
+
+
+def _instantiate(config: dict) -> torch.nn.Module:
     kwargs = {k: v for k, v in config.items() if k != "_class_name"}
-    cls = UNet2DModel if config["_class_name"] == "UNet2DModel" else DiTTransformer2DModel
-    return _prepare(cls(**kwargs))
+    return _prepare(_model_classes()[config["_class_name"]](**kwargs))
 
 
 def _prepare(model: torch.nn.Module) -> torch.nn.Module:
@@ -140,17 +220,34 @@ def _prepare(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_model(preset: str, channels: int, resolution: int, num_classes: int | None = None) -> torch.nn.Module:
+def build_model(
+    preset: str, channels: int, resolution: int, num_classes: int | None = None, text_width: int | None = None
+) -> torch.nn.Module:
     """A freshly initialised diffusers model of `preset` for [channels, resolution, resolution] data."""
-    return _instantiate(model_config(preset, channels, resolution, num_classes))
+    return _instantiate(model_config(preset, channels, resolution, num_classes, text_width))
 
 
 def is_dit(model: torch.nn.Module) -> bool:
     return type(model).__name__ == "DiTTransformer2DModel"
 
 
+def is_text_model(model: torch.nn.Module) -> bool:
+    return type(model).__name__ in TEXT_CLASSES
+
+
+def text_width_of(model: torch.nn.Module) -> int | None:
+    """The caption embedding width a text model takes (None for class / unconditional models)."""
+    if type(model).__name__ == "PixArtTransformer2DModel":
+        return model.config.caption_channels
+    if type(model).__name__ == "UNet2DConditionModel":
+        return model.config.cross_attention_dim
+    return None
+
+
 def model_num_classes(model: torch.nn.Module) -> int | None:
-    """Number of real classes a model is conditioned on; None for an unconditional model."""
+    """Number of real classes a model is conditioned on; None for an unconditional or text model."""
+    if is_text_model(model):
+        return None
     if is_dit(model):
         n = model.config.num_embeds_ada_norm
         return None if n == 1 else n
@@ -159,21 +256,45 @@ def model_num_classes(model: torch.nn.Module) -> int | None:
 
 
 def null_class(model: torch.nn.Module) -> int | None:
-    """The label index meaning "no label" (classifier-free guidance); None for an unconditional UNet."""
+    """The label index meaning "no label" (classifier-free guidance); None for an unconditional UNet or text model."""
+    if is_text_model(model):
+        return None
     if is_dit(model):
         return model.config.num_embeds_ada_norm
     n = model.config.num_class_embeds
     return None if n is None else n - 1
 
 
-def model_forward(
-    model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The model's raw output for x [B, C, H, W] at timesteps [B] (0..1000). class_labels None on a conditional
-    model means unconditional (the null class); labels equal to `null_class(model)` are allowed too."""
+def model_forward(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond=None) -> torch.Tensor:
+    """The model's raw output for x [B, C, H, W] at timesteps [B] (0..1000).
+
+    cond: class labels [B] for a class model (None: the null class, i.e. unconditional; labels equal to
+    `null_class(model)` are allowed too), or a TextCondition for a text model (which always needs one: pass the empty
+    caption's embedding for "no caption")."""
+    from .conditioning import TextCondition
+
     timestep = timestep.reshape(-1).to(x.device)
     if timestep.numel() == 1 and x.shape[0] > 1:
         timestep = timestep.expand(x.shape[0])
+    if is_text_model(model):
+        if not isinstance(cond, TextCondition):
+            raise IslesError("this model is text-conditioned: it needs a caption (a prompt), not a class")
+        text = cond.to(x.device)
+        if type(model).__name__ == "UNet2DConditionModel":
+            return model(
+                x, timestep, encoder_hidden_states=text.emb, encoder_attention_mask=text.mask, return_dict=False
+            )[0]
+        return model(
+            x,
+            encoder_hidden_states=text.emb,
+            timestep=timestep,
+            encoder_attention_mask=text.mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+    if isinstance(cond, TextCondition):
+        raise IslesError("this model is not text-conditioned: it takes a class or nothing, not a prompt")
+    class_labels = cond
     null = null_class(model)
     if class_labels is None and null is not None:
         class_labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
@@ -188,8 +309,6 @@ def model_forward(
 
 def load_model(folder: str | Path) -> torch.nn.Module:
     """A model from a diffusers folder (config.json + diffusion_pytorch_model.safetensors), safetensors only."""
-    from diffusers import DiTTransformer2DModel, UNet2DModel
-
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -199,9 +318,11 @@ def load_model(folder: str | Path) -> torch.nn.Module:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IslesError(f"{config_path} is not valid JSON ({exc})", hint="re-export or re-download it") from None
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    classes = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+    classes = _model_classes()
     if class_name not in classes:
-        raise IslesError(f"{config_path}: unsupported model class {class_name!r}", hint="expected UNet2DModel or DiT")
+        raise IslesError(
+            f"{config_path}: unsupported model class {class_name!r}", hint=f"expected one of {list(classes)}"
+        )
     if not (folder / "diffusion_pytorch_model.safetensors").is_file():
         raise IslesError(f"no weights in {folder} (diffusion_pytorch_model.safetensors is missing)")
     try:
@@ -217,32 +338,51 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def preset_stats(preset: str, channels: int, resolution: int, num_classes: int | None = None) -> dict[str, int]:
-    """Parameter count and training FLOPs per sample (forward + backward, counted by torch.utils.flop_counter).
+def preset_stats(
+    preset: str,
+    channels: int,
+    resolution: int,
+    num_classes: int | None = None,
+    text_width: int | None = None,
+    text_length: int = 77,
+) -> dict[str, int]:
+    """Parameter count and training FLOPs per sample (forward + backward, counted by torch.utils.flop_counter);
+    text models are counted with captions of text_length tokens (cross-attention grows with it).
 
     The model is built on the meta device, so even DiT-XL/2 costs no memory and no arithmetic to count.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = model_config(preset, channels, resolution, num_classes)
+    from .conditioning import TextCondition
+
+    config = model_config(preset, channels, resolution, num_classes, text_width)
     with torch.device("meta"):
         model = _instantiate(config)
         x = torch.zeros(1, channels, resolution, resolution)
         t = torch.zeros(1)
-        labels = None if num_classes is None else torch.zeros(1, dtype=torch.long)
+        if text_width is not None:
+            cond = TextCondition(torch.zeros(1, text_length, text_width), torch.ones(1, text_length))
+        else:
+            cond = None if num_classes is None else torch.zeros(1, dtype=torch.long)
     counter = FlopCounterMode(display=False)
     with counter:
-        out = model_forward(model, x, t, labels)
+        out = model_forward(model, x, t, cond)
         out.float().pow(2).mean().backward()
     return {"parameters": count_parameters(model), "train_flops_per_sample": int(counter.get_total_flops())}
 
 
-def describe_presets(channels: int = 4, resolution: int = 32, num_classes: int | None = 1000) -> list[dict]:
-    """One row per preset for a data shape (default: the papers' 32x32x4 SD-VAE latents, ImageNet classes)."""
+def describe_presets(
+    channels: int = 4, resolution: int = 32, num_classes: int | None = 1000, text_width: int = 768
+) -> list[dict]:
+    """One row per preset for a data shape (default: the papers' 32x32x4 SD-VAE latents, ImageNet classes for class
+    presets, 77 CLIP ViT-L/14 tokens of width 768 for text presets)."""
     rows = []
     for name, p in PRESETS.items():
         try:
-            stats = preset_stats(name, channels, resolution, num_classes)
+            if p.family in TEXT_FAMILIES:
+                stats = preset_stats(name, channels, resolution, None, text_width)
+            else:
+                stats = preset_stats(name, channels, resolution, num_classes)
         except IslesError as exc:
             stats = {"error": exc.message}
         rows.append({"preset": name, "family": p.family, "note": p.note, **stats})

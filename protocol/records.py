@@ -80,6 +80,27 @@ class ExpertRecipe(TrainingRecipe):
     channels: PositiveInt
     resolution: PositiveInt
     num_classes: PositiveInt | None = None
+    # What the expert is conditioned on: a class, a caption (token embeddings carried by the shard), or nothing.
+    conditioning: Literal["class", "text", "none"] = "class"
+    text_width: PositiveInt | None = None  # the caption embeddings' width and length (text conditioning only)
+    text_length: PositiveInt | None = None
+    # Labels or captions replaced by the null condition this often, so classifier-free guidance works (Paris: 0.1).
+    cond_dropout: StrictFloat = 0.1
+    # Random horizontal flips of the items (only where the data allows: not when captions say "left" or "right").
+    hflip: StrictBool = False
+
+    @pydantic.root_validator(skip_on_failure=True)
+    def _check_conditioning(cls, values: dict) -> dict:
+        kind, classes, width = values["conditioning"], values["num_classes"], values["text_width"]
+        if kind == "class" and classes is None and width is None:
+            values["conditioning"] = "none"  # a class recipe without classes (older manifests) is unconditional
+        elif kind == "text" and (width is None or values["text_length"] is None or classes is not None):
+            raise ValueError("a text-conditioned recipe needs text_width and text_length, and no num_classes")
+        elif kind != "text" and width is not None:
+            raise ValueError(f"a {kind}-conditioned recipe takes no text_width")
+        if not 0.0 <= values["cond_dropout"] < 1.0:
+            raise ValueError("cond_dropout must be in [0, 1)")
+        return values
 
 
 class RouterRecipe(TrainingRecipe):
@@ -105,6 +126,26 @@ class EvalRecipe(Record):
     sample_steps: PositiveInt = 50
 
 
+class TextEncoderRef(Record):
+    """The transformers text encoder that embedded the captions at partition time; samplers embed prompts with it."""
+
+    id: StrictStr  # "minilm" (the offline default), a Hub repo id, or a local folder
+    revision: StrictStr | None = None
+    width: PositiveInt
+    max_length: PositiveInt
+
+
+class VaeRef(Record):
+    """The diffusers AutoencoderKL whose latents the shards hold: z = (E(x) - shift_factor) * scaling_factor."""
+
+    id: StrictStr
+    revision: StrictStr | None = None
+    scaling_factor: StrictFloat
+    shift_factor: StrictFloat = 0.0
+    latent_channels: PositiveInt
+    downsample: PositiveInt
+
+
 class RunManifest(Record):
     """A run: its data, shards and recipes. `run_id` is the short sha256 of everything else, so it cannot change."""
 
@@ -119,11 +160,17 @@ class RunManifest(Record):
     eval: EvalRecipe = EvalRecipe()
     owner: StrictStr = ""
     created_time: StrictFloat = 0.0
+    text_encoder: TextEncoderRef | None = None  # set when the experts are text-conditioned
+    vae: VaeRef | None = None  # set when the shards hold latents
 
     @pydantic.root_validator(skip_on_failure=True)
     def _check_content(cls, values: dict) -> dict:
         if len(values["experts"]) != len(values["shards"]):
             raise ValueError(f"{len(values['shards'])} shards but {len(values['experts'])} expert recipes")
+        encoder = values.get("text_encoder")
+        for e in values["experts"]:
+            if e.conditioning == "text" and (encoder is None or e.text_width != encoder.width):
+                raise ValueError("text-conditioned experts need the manifest's text_encoder, of their text_width")
         expected = compute_run_id(_plain({k: v for k, v in values.items() if k != "run_id"}))
         if values["run_id"] != expected:
             raise ValueError(f"run_id {values['run_id']!r} does not match the manifest's content ({expected})")

@@ -1,13 +1,15 @@
 """EnsemblePipeline: experts + router as one model, saved and loaded in the published layout (DESIGN.md).
 
-    <folder>/ ensemble.json  expert_<i>/{config.json, diffusion_pytorch_model.safetensors, expert.json}
-              router/{config.json, model.safetensors}
-`ensemble.json` lists every file with its sha256; loading verifies them. Experts absent from it are skipped and the
-router is renormalised over the others, so a partial ensemble samples too.
+    <folder>/ ensemble.json  model_index.json  router/{config.json, model.safetensors}
+              expert_<i>/{config.json, diffusion_pytorch_model.safetensors, expert.json}
+`ensemble.json` lists every file with its sha256; loading verifies them and reads nothing else (model_index.json, the
+diffusers view of the same pipeline, is only checked). Experts absent from it are skipped and the router is
+renormalised over the others, so a partial ensemble samples too.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -17,19 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import DiffusionPipeline
 
 from isles.protocol.errors import IslesError
-from isles.protocol.files import atomic_write_json, sha256_file, sha256_folder
+from isles.protocol.files import atomic_write_json, sha256_folder
 
+from .ensemble_files import ENSEMBLE_FILE, FORMAT, broken_file, broken_files, pull_ensemble, read_manifest
 from .model import RouterModel
 from .sampling import Routing, SampleResult, guided, parse_routing, sample_ensemble
 
 log = logging.getLogger(__name__)
 
-FORMAT = "isles-ensemble/1"
-ENSEMBLE_FILE = "ensemble.json"
 EXPERT_FILE = "expert.json"
+CPU = torch.device("cpu")
+MODEL_INDEX_FILE = DiffusionPipeline.config_name  # "model_index.json": diffusers' list of components, hashed too
 
 
 @dataclass
@@ -41,28 +46,39 @@ class Expert:
     objective: str  # "fm" | "ddpm"
     meta: dict[str, Any] = field(default_factory=dict)  # expert.json: release repo/revision, losses, preset...
 
-    def velocity_fn(self, guidance_scale: float = 1.0, clip_x0: float | None = 1.0):
-        """(x_t, t, labels) -> velocity in the common flow-matching space, with CFG applied to this expert alone."""
+    def velocity_fn(self, guidance_scale: float = 1.0, clip_x0: float | None = 1.0, null_text=None):
+        """(x_t, t, cond) -> velocity in the common flow-matching space, with CFG applied to this expert alone.
+        cond: class labels or a TextCondition; `null_text` is the empty caption's TextCondition (text experts)."""
         from isles.experts.objectives import expert_velocity
-        from isles.experts.presets import model_forward, null_class
+        from isles.experts.presets import is_text_model, model_forward, null_class
 
         model, objective = self.model, self.objective
 
-        def fn(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-            return expert_velocity(objective, lambda x, ts: model_forward(model, x, ts, labels), x_t, t, clip_x0)
+        def fn(x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+            return expert_velocity(objective, lambda x, ts: model_forward(model, x, ts, cond), x_t, t, clip_x0)
 
-        return guided(fn, guidance_scale, null_class(model))
+        return guided(fn, guidance_scale, null_text if is_text_model(model) else null_class(model))
 
 
 def expert_dir(index: int) -> str:
     return f"expert_{index}"
 
 
-class EnsemblePipeline:
-    """Sample with `pipe(n=16, class_labels=..., routing="top2", steps=30, seed=0)`; see `router.sampling`."""
+class EnsemblePipeline(DiffusionPipeline):
+    """Sample with `pipe(n=16, class_labels=..., routing="top2", steps=30, seed=0)`; see `router.sampling`.
+
+    A diffusers `DiffusionPipeline`: `components` holds the router, each present `expert_<i>` and, once loaded, the
+    text encoder, tokenizer and VAE; `.to()`, `progress_bar` and `enable_model_cpu_offload()` (with accelerate) work as
+    in diffusers. `config` is the ensemble's own config (kept in ensemble.json), not diffusers' module index: that is
+    `model_index()`, saved as model_index.json. The text encoder and VAE stay methods (`vae()` gives the LatentCodec).
+    """
+
+    # Offload: the text encoder makes way for the router, the router for the VAE. Experts are hooked apart from this
+    # chain and swapped in one at a time as the routing asks for them (`_velocity_fn`).
+    model_cpu_offload_seq = "text_encoder->router->vae"
 
     def __init__(self, experts: dict[int, Expert], router: RouterModel, config: dict[str, Any] | None = None):
-        self.router = router.eval()
+        super().__init__()
         self.num_experts = router.config.num_experts
         bad = [i for i in experts if not 0 <= i < self.num_experts]
         if bad:
@@ -70,10 +86,18 @@ class EnsemblePipeline:
         if not experts:
             raise IslesError("the ensemble has no experts", hint="publish at least one expert before sampling")
         self.experts = dict(sorted(experts.items()))
-        self.config = dict(config or {})
-        self.device = torch.device("cpu")
+        self._ensemble_config = dict(config or {})
+        self._text_encoder = None  # loaded on the first prompt
+        self._vae = None  # loaded on the first decode
+        self.register_modules(router=router.eval(), **{expert_dir(i): e.model for i, e in self.experts.items()})
+        self.set_progress_bar_config(disable=None)  # tqdm's None: a bar in a terminal, none in logs and pipes
 
     # -- properties of the data the ensemble makes -------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """The ensemble's config: name, run_id, data_kind, class_names, conditioning, text_encoder, vae..."""
+        return self._ensemble_config
+
     @property
     def channels(self) -> int:
         return self.router.config.in_channels
@@ -87,15 +111,94 @@ class EnsemblePipeline:
         return self.router.config.num_classes
 
     @property
+    def conditioning(self) -> str:
+        """ "text" (prompts), "class" or "none"."""
+        return self.config.get("conditioning") or ("class" if self.num_classes else "none")
+
+    @property
     def missing(self) -> list[int]:
         return [i for i in range(self.num_experts) if i not in self.experts]
 
-    def to(self, device: str | torch.device) -> EnsemblePipeline:
-        self.device = torch.device(device)
-        self.router.to(self.device)
-        for expert in self.experts.values():
-            expert.model.to(self.device)
+    # -- diffusers: components, devices, the module index --------------------------------------------------------
+    @property
+    def components(self) -> dict[str, Any]:
+        """The router, each present `expert_<i>`, and the text encoder, tokenizer and VAE once they are loaded."""
+        found = {name: getattr(self, name) for name in self._registered()}
+        if self._text_encoder is not None:
+            found.update(text_encoder=self._text_encoder.model, tokenizer=self._text_encoder.tokenizer)
+        if self._vae is not None:
+            found["vae"] = self._vae.vae
+        return found
+
+    @classmethod
+    def _get_signature_keys(cls, obj):
+        # diffusers reads module names off __init__'s signature; ours are the registered attributes (router, expert_i)
+        if isinstance(obj, EnsemblePipeline):
+            return obj._registered(), []
+        return super()._get_signature_keys(obj)
+
+    def _registered(self) -> list[str]:
+        return [name for name in self._internal_dict if not name.startswith("_")]
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the modules are: the accelerator when any is on one (as in diffusers), else the CPU."""
+        devices = [p.device for m in self._modules() for p in itertools.islice(m.parameters(), 1)] or [CPU]
+        return next((d for d in devices if d.type not in ("cpu", "meta")), devices[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((p.dtype for m in self._modules() for p in itertools.islice(m.parameters(), 1)), torch.float32)
+
+    def to(self, *args, **kwargs) -> EnsemblePipeline:
+        """Move every module (router, experts, a loaded text encoder and VAE) to a device; returns the pipeline.
+
+        diffusers' forms: `to("cuda")`, `to(device=...)`. The sampler works in float32, so other dtypes are refused."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        kwargs.pop("silence_dtype_warnings", None)  # diffusers' offloading passes it
+        if kwargs or len(args) > 2:
+            raise TypeError(f"to() takes a device and a dtype, got {args} {kwargs}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif arg is not None:
+                device = arg
+        if dtype not in (None, torch.float32):
+            raise IslesError(f"the ensemble samples in float32, not {dtype}", hint="move it with .to(device) only")
+        if device is not None:
+            device = torch.device(device)
+            if getattr(self, "_all_hooks", None) and device.type != "cpu":
+                log.warning("model CPU offload is on: it moves each module to %s when it runs", device)
+            for module in self._modules():
+                module.to(device)
         return self
+
+    def model_index(self) -> dict[str, Any]:
+        """model_index.json: every component as diffusers' [library, class]. The text encoder and VAE are named by
+        id (`_isles`) and are not in the folder; loading reads ensemble.json only, never this file."""
+        index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__}
+        index.update({name: list(self._internal_dict[name]) for name in self._registered()})
+        refs: dict[str, Any] = {"manifest": ENSEMBLE_FILE}
+        if self.config.get("text_encoder"):
+            from .text_encoder import DEFAULT_TEXT_ENCODER, TextEncoderSpec
+
+            spec = TextEncoderSpec.from_dict(self.config["text_encoder"])
+            # The exact class is known once loaded; named from the id alone, so that saving is deterministic.
+            clip = spec.id in ("clip", f"hf:{DEFAULT_TEXT_ENCODER}")
+            index["text_encoder"] = ["transformers", "CLIPTextModel" if clip else "AutoModel"]
+            index["tokenizer"] = ["transformers", "CLIPTokenizerFast" if clip else "AutoTokenizer"]
+            refs["text_encoder"] = {"id": spec.id, "revision": spec.revision}
+        if self.config.get("vae"):
+            from .vae import VaeSpec
+
+            vae = VaeSpec.from_dict(self.config["vae"])
+            index["vae"] = ["diffusers", "AutoencoderKL"]
+            refs["vae"] = {"id": vae.id, "revision": vae.revision}
+        index["_isles"] = refs
+        return index
 
     # -- sampling ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,27 +211,113 @@ class EnsemblePipeline:
         seed: int = 0,
         guidance_scale: float = 1.0,
         return_routing: bool = False,
+        prompt: str | list[str] | None = None,
+        decode: bool = True,
     ) -> SampleResult:
-        """n samples (in the data scale, [-1, 1] for pixels); seeded, so the same call gives the same images."""
+        """n samples (in the data scale, [-1, 1] for pixels); seeded, so the same call gives the same images.
+
+        A text ensemble takes `prompt`: one string for n samples of it, or a list (one sample per prompt). An
+        ensemble of latents returns images decoded by its VAE (`decode=False`: the latents)."""
         routing = parse_routing(routing) if isinstance(routing, str) else routing
-        labels = self._labels(n, class_labels)
+        null_text = None
+        if self.conditioning == "text":
+            if class_labels is not None:
+                raise IslesError("this ensemble is text-conditioned: it takes a prompt, not a class", hint="--prompt")
+            cond, null_text = self._prompts(n, prompt)
+            n = len(cond)
+        else:
+            if prompt is not None:
+                kind = "class-conditional: it takes a class" if self.conditioning == "class" else "unconditional"
+                raise IslesError(f"this ensemble is {kind}, not a prompt", hint="leave out --prompt")
+            cond = self._labels(n, class_labels)
         clip = None if self.config.get("data_kind") == "latents" else 1.0
-        fns = [
-            self.experts[i].velocity_fn(guidance_scale, clip) if i in self.experts else None
-            for i in range(self.num_experts)
-        ]
-        # Class-aware router (r(x_t, t, c)): None labels mean the null class, i.e. unconditional routing.
-        return sample_ensemble(
-            fns,
-            lambda x, t, c: self.router(x, t, c),
-            (n, self.channels, self.resolution, self.resolution),
-            steps=steps,
-            routing=routing,
-            class_labels=labels,
-            generator=torch.Generator().manual_seed(seed),
-            device=self.device,
-            return_routing=return_routing,
-        )
+        fns = [self._velocity_fn(i, guidance_scale, clip, null_text) for i in range(self.num_experts)]
+        with self.progress_bar(total=steps) as bar:
+
+            def route(x: torch.Tensor, t: torch.Tensor, c) -> torch.Tensor:
+                # The router sees a class when it is class-aware (None is unconditional routing), never text.
+                return self.router(x, t, c if isinstance(c, torch.Tensor) else None)
+
+            result = sample_ensemble(
+                fns,
+                route,
+                (n, self.channels, self.resolution, self.resolution),
+                steps=steps,
+                routing=routing,
+                class_labels=cond,
+                generator=torch.Generator().manual_seed(seed),
+                device=self._execution_device,
+                return_routing=return_routing,
+                callback=lambda _step: bar.update(1),
+            )
+        if decode and self.config.get("vae"):
+            result.latents = result.images
+            result.images = self.vae().decode(result.images)
+        self.maybe_free_model_hooks()
+        return result
+
+    def _velocity_fn(self, index: int, guidance_scale: float, clip, null_text):
+        """Expert `index`'s velocity (None when missing). Under model CPU offload the other experts are moved off the
+        accelerator before it runs, so one expert at a time is there (diffusers' offload chain assumes fixed order)."""
+        if index not in self.experts:
+            return None
+        fn = self.experts[index].velocity_fn(guidance_scale, clip, null_text)
+        others = [e.model for i, e in self.experts.items() if i != index]
+        hooks = [h for h in getattr(self, "_all_hooks", None) or [] if any(h.model is m for m in others)]
+        if not hooks:
+            return fn
+
+        def swapped(x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+            for hook in hooks:
+                hook.offload()
+            return fn(x_t, t, cond)
+
+        return swapped
+
+    def text_encoder(self):
+        """The text encoder the ensemble names (router/text_encoder.py), loaded once."""
+        if self._text_encoder is None:
+            from .text_encoder import TextEncoderSpec, load_text_encoder
+
+            spec = TextEncoderSpec.from_dict(self.config["text_encoder"])
+            encoder = load_text_encoder(
+                spec.id, max_length=spec.max_length, revision=spec.revision, device=self.device
+            )
+            if encoder.spec.width != spec.width:
+                raise IslesError(
+                    f"text encoder {spec.id} gives {encoder.spec.width}-d embeddings, the experts take {spec.width}-d"
+                )
+            self._text_encoder = encoder
+            self._rehook()
+        self._text_encoder.device = self._execution_device
+        return self._text_encoder
+
+    def vae(self):
+        """The VAE whose latents the experts model (router/vae.py), loaded once."""
+        if self._vae is None:
+            from .vae import VaeSpec, load_vae
+
+            spec = VaeSpec.from_dict(self.config["vae"])
+            self._vae = load_vae(spec.id, revision=spec.revision, device=self.device)
+            self._rehook()
+        self._vae.device = self._execution_device
+        return self._vae
+
+    def _rehook(self) -> None:
+        """A module loaded after `enable_model_cpu_offload()` joins the offloading, as diffusers' own reset does."""
+        if getattr(self, "_all_hooks", None):
+            self.enable_model_cpu_offload(device=self._offload_device)
+
+    def _prompts(self, n: int, prompt):
+        from isles.experts.conditioning import TextCondition
+
+        if prompt is None or (isinstance(prompt, list) and not prompt):
+            raise IslesError("this ensemble is text-conditioned: it needs a prompt", hint='--prompt "a red 7"')
+        prompts = [prompt] * n if isinstance(prompt, str) else [str(p) for p in prompt]
+        encoder = self.text_encoder()
+        emb, mask = encoder(prompts)
+        null_emb, null_mask = encoder.null()
+        return TextCondition.from_rows(emb, mask), TextCondition.from_rows(null_emb, null_mask)
 
     def _labels(self, n: int, class_labels) -> torch.Tensor | None:
         if class_labels is None:
@@ -161,11 +350,13 @@ class EnsemblePipeline:
                 atomic_write_json(sub / EXPERT_FILE, {**expert.meta, "index": i, "objective": expert.objective})
                 experts.append({"index": i, "path": expert_dir(i), "objective": expert.objective})
             self.router.save_pretrained(staging / "router")
+            atomic_write_json(staging / MODEL_INDEX_FILE, self.model_index())
             files = sha256_folder(staging)
             manifest = {
                 **self.config,
                 "format": FORMAT,
                 "num_experts": self.num_experts,
+                "conditioning": self.conditioning,
                 "num_classes": self.num_classes,
                 "channels": self.channels,
                 "resolution": self.resolution,
@@ -209,8 +400,14 @@ class EnsemblePipeline:
             experts[index] = Expert(index, load_model(folder).eval(), str(meta.get("objective", "fm")), meta)
             if meta.get("class_names") and "class_names" not in config:
                 config["class_names"] = meta["class_names"]
-            if (meta.get("data") or {}).get("latent"):
+            data = meta.get("data") or {}
+            if data.get("latent"):
                 config.setdefault("data_kind", "latents")
+            if data.get("vae"):
+                config.setdefault("vae", data["vae"])
+            if meta.get("conditioning") == "text":
+                config.setdefault("conditioning", "text")
+                config.setdefault("text_encoder", meta.get("text_encoder"))
         return cls(experts, router, config)
 
     @classmethod
@@ -230,7 +427,7 @@ class EnsemblePipeline:
         with `skip_broken` is left out (with a warning) and the ensemble samples without it.
         """
         if store is not None:
-            folder = _pull(store, str(source), revision, cache_dir)
+            folder = pull_ensemble(store, str(source), revision, cache_dir)
         else:
             folder = Path(source)
             if not (folder / ENSEMBLE_FILE).is_file():
@@ -244,34 +441,10 @@ class EnsemblePipeline:
         return pipe.to(device if isinstance(device, torch.device) else pick_device(device))
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((folder / ENSEMBLE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IslesError(f"{folder / ENSEMBLE_FILE} is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IslesError(f"{folder / ENSEMBLE_FILE} is not an isles ensemble (format {FORMAT} expected)")
-    return manifest
-
-
-def _broken_files(folder: Path, files: dict[str, str], prefix: str) -> str | None:
-    """The first file under `prefix` that is missing or differs from its recorded sha256, described; else None."""
-    listed = {p: h for p, h in files.items() if p.startswith(prefix + "/")}
-    if not listed:
-        return f"{prefix}/ is not listed in {ENSEMBLE_FILE}"
-    for path, digest in sorted(listed.items()):
-        target = folder / path
-        if not target.is_file():
-            return f"{path} is missing"
-        if sha256_file(target) != digest:
-            return f"{path} is corrupt (sha256 differs from {ENSEMBLE_FILE})"
-    return None
-
-
 def _load_folder(folder: Path, skip_broken: bool) -> EnsemblePipeline:
     from isles.experts.presets import load_model
 
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     files = manifest.get("files", {})
     entries = manifest.get("experts", [])
     try:  # ensemble.json may come from the network: a malformed one is an error line, not a traceback
@@ -282,13 +455,17 @@ def _load_folder(folder: Path, skip_broken: bool) -> EnsemblePipeline:
             f"{folder / ENSEMBLE_FILE} is malformed ({type(exc).__name__}: {exc})",
             hint="re-download or re-assemble the ensemble",
         ) from None
-    problem = _broken_files(folder, files, "router")
+    # model_index.json is never read, only verified (when listed: older ensembles lack it): a release loads whole.
+    problem = MODEL_INDEX_FILE in files and broken_file(folder, MODEL_INDEX_FILE, files[MODEL_INDEX_FILE])
+    if problem:
+        raise IslesError(f"ensemble {folder}: {problem}", hint="re-download or re-assemble the ensemble")
+    problem = broken_files(folder, files, "router")
     if problem:
         raise IslesError(f"ensemble {folder}: router {problem}", hint="re-download or re-assemble the ensemble")
     router = RouterModel.from_pretrained(folder / "router")
     experts: dict[int, Expert] = {}
     for index, path, objective in entries:
-        problem = _broken_files(folder, files, path)
+        problem = broken_files(folder, files, path)
         if problem:
             if not skip_broken:
                 raise IslesError(
@@ -299,28 +476,9 @@ def _load_folder(folder: Path, skip_broken: bool) -> EnsemblePipeline:
             continue
         meta = json.loads((folder / path / EXPERT_FILE).read_text()) if (folder / path / EXPERT_FILE).is_file() else {}
         experts[index] = Expert(index, load_model(folder / path).eval(), objective, meta)
-    keep = ("run_id", "name", "data_kind", "class_names", "router_metrics")
+    keep = ("run_id", "name", "data_kind", "class_names", "router_metrics", "conditioning", "text_encoder", "vae")
     config = {k: manifest[k] for k in keep if k in manifest}
     pipe = EnsemblePipeline(experts, router, config)
     if pipe.missing:
         log.warning("partial ensemble: experts %s missing; routing renormalised over the others", pipe.missing)
     return pipe
-
-
-def _pull(store, repo: str, revision: str | None, cache_dir) -> Path:
-    """Download a published ensemble into the cache, every file verified against its ensemble.json."""
-    import hashlib
-
-    revision = revision or store.list_revisions(repo)[-1]
-    raw = store.read_bytes(repo, revision, ENSEMBLE_FILE)
-    try:
-        manifest = json.loads(raw)
-        expected = {**manifest["files"], ENSEMBLE_FILE: hashlib.sha256(raw).hexdigest()}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IslesError(f"{repo}@{revision[:12]}: {ENSEMBLE_FILE} is not an isles ensemble ({exc})") from None
-    if cache_dir is None:
-        from platformdirs import user_cache_dir
-
-        cache_dir = user_cache_dir("isles")
-    dest = Path(cache_dir) / "ensembles" / repo.replace("/", "--") / revision
-    return Path(store.pull(repo, revision, dest, expected))

@@ -1,5 +1,8 @@
 """Evaluate a model or an ensemble: one table row per routing mode with FID (and its real-vs-real floor), class
 accuracy, diversity, seconds and expert calls per sample. `isles eval` (client/cli/eval.py) prints these rows.
+Text models are prompted with the reference items' captions; on the procedural set their rows add text-image
+agreement (the share of samples whose class, colour, position and size read back as asked, router/attributes.py),
+and a CLIP score when a CLIP model is named.
 
 FID is measured against n held-out real items with a feature network trained on other items (router/features.py);
 the floor is the FID between those n items and n more held-out ones, so every FID comes with what "perfect" scores.
@@ -35,6 +38,7 @@ class EvalConfig:
     inception: bool = False  # also the standard Inception FID (torch-fidelity; real images only)
     device: str | None = None
     cache_dir: Path | None = None  # the feature network's cache (default: the user cache dir)
+    clip_model: str | None = None  # text models: also the CLIP score with this CLIP (hf:<id> or a folder)
 
 
 @dataclass
@@ -51,6 +55,8 @@ class Reference:
     real_accuracy: float | None
     real_diversity: float
     other_pixels: torch.Tensor = field(repr=False, default=None)  # B, for the Inception floor
+    captions: list[str] | None = None  # the items' captions: the prompts of text models
+    attributes: torch.Tensor | None = None  # procedural: what each caption asks for (class, colour, position, size)
 
     @property
     def n(self) -> int:
@@ -79,7 +85,9 @@ def build_reference(
         _, seed = procedural.parse_spec(source)
         if channels != 3:
             raise IslesError(f"the procedural data set is RGB but the model makes {channels}-channel items")
-        pixels, labels = procedural.generate(2 * n, seed=seed, stream="reference", resolution=resolution)
+        pixels, labels, attributes, captions = procedural.generate_captioned(
+            2 * n, seed=seed, stream="reference", resolution=resolution
+        )
         spec = feature_net.procedural_spec(resolution=resolution, **overrides)
         net = feature_net.load_or_train(spec, cache_dir=cache_dir, device=device)
         num_classes: int | None = procedural.NUM_CLASSES
@@ -107,6 +115,7 @@ def build_reference(
         net = feature_net.load_or_train(spec, data.items[train_idx], data.labels[train_idx], cache_dir, device)
         pixels, labels = data.items[pool[: 2 * n]], data.labels[pool[: 2 * n]]
         num_classes = data.num_classes
+        attributes = captions = None
     feats, logits = net.embed_all(metrics.to_model_space(pixels))
     floor = metrics.fid(feats[:n], feats[n:])
     return Reference(
@@ -120,29 +129,36 @@ def build_reference(
         real_accuracy=metrics.class_accuracy(logits[:n], labels[:n]),
         real_diversity=metrics.diversity(feats[:n]),
         other_pixels=pixels[n:],
+        captions=None if captions is None else list(captions[:n]),
+        attributes=None if attributes is None else attributes[:n],
     )
 
 
 class Sampler(Protocol):
     name: str
     num_classes: int | None
+    conditioning: str  # "class", "text" or "none"
     is_ensemble: bool  # False: a single model, one row (routing does not apply)
 
     def sample(
-        self, n: int, labels: torch.Tensor | None, routing: str, steps: int, seed: int, guidance_scale: float
+        self, n: int, cond, routing: str, steps: int, seed: int, guidance_scale: float
     ) -> tuple[torch.Tensor, float]:
-        """n samples in [-1, 1] and the mean number of expert (model) calls per sample."""
+        """n samples in [-1, 1] (decoded, for latent models) and the mean number of expert (model) calls per sample.
+        cond: class labels [n], n prompts (text models), or None."""
 
 
 class EnsembleSampler:
     def __init__(self, pipe, name: str = "ensemble"):
         self.pipe, self.name, self.num_classes = pipe, name, pipe.num_classes
+        self.conditioning = pipe.conditioning
         self.is_ensemble = True
 
-    def sample(self, n, labels, routing, steps, seed, guidance_scale):
+    def sample(self, n, cond, routing, steps, seed, guidance_scale):
+        text = self.conditioning == "text"
         result = self.pipe(
             n=n,
-            class_labels=labels,
+            class_labels=None if text else cond,
+            prompt=cond if text else None,
             routing=routing,
             steps=steps,
             seed=seed,
@@ -150,30 +166,70 @@ class EnsembleSampler:
             return_routing=True,
         )
         calls = float((result.weights > 0).sum(dim=-1).float().sum(dim=0).mean())  # [steps, B, K] -> per sample
-        if guidance_scale != 1.0 and labels is not None:
+        if guidance_scale != 1.0 and cond is not None:
             calls *= 2
         return result.images.cpu(), calls
 
 
 class ModelSampler:
-    def __init__(self, model: torch.nn.Module, objective: str = "fm", name: str = "model"):
-        from isles.experts.presets import model_num_classes
+    def __init__(self, model: torch.nn.Module, objective: str = "fm", name: str = "model", info: dict | None = None):
+        from isles.experts.presets import is_text_model, model_num_classes
 
         self.model, self.objective, self.name = model.eval(), objective, name
         self.num_classes = model_num_classes(model)
+        self.conditioning = "text" if is_text_model(model) else ("class" if self.num_classes else "none")
         self.is_ensemble = False
+        self.info = info or {}
+        self._encoder = self._vae = None
 
-    def sample(self, n, labels, routing, steps, seed, guidance_scale):
+    def sample(self, n, cond, routing, steps, seed, guidance_scale):
         from isles.experts.expert import sample_expert
 
         generator = torch.Generator().manual_seed(seed)
-        images = sample_expert(self.model, self.objective, n, steps, labels, guidance_scale, generator)
-        return images.cpu(), float(steps * (2 if guidance_scale != 1.0 and labels is not None else 1))
+        null = None
+        if self.conditioning == "text":
+            cond, null = self._embed(cond)
+        clip = None if (self.info.get("data") or {}).get("latent") else 1.0
+        images = sample_expert(
+            self.model, self.objective, n, steps, cond, guidance_scale, generator, clip_x0=clip, null_cond=null
+        )
+        if self.vae() is not None:
+            images = self.vae().decode(images)
+        return images.cpu(), float(steps * (2 if guidance_scale != 1.0 and cond is not None else 1))
+
+    def vae(self):
+        """The VAE that decodes this model's latents (expert.json names it), or None for a pixel model."""
+        named = (self.info.get("data") or {}).get("vae")
+        if named and self._vae is None:
+            from .vae import VaeSpec, load_vae
+
+            spec = VaeSpec.from_dict(named)
+            self._vae = load_vae(spec.id, revision=spec.revision)
+        return self._vae
+
+    def _embed(self, prompts):
+        from isles.experts.conditioning import TextCondition
+
+        if self._encoder is None:
+            from .text_encoder import TextEncoderSpec, load_text_encoder
+
+            if not self.info.get("text_encoder"):
+                raise IslesError(f"{self.name}: expert.json names no text encoder", hint="evaluate it in its ensemble")
+            spec = TextEncoderSpec.from_dict(self.info["text_encoder"])
+            self._encoder = load_text_encoder(spec.id, max_length=spec.max_length, revision=spec.revision)
+        emb, mask = self._encoder(list(prompts))
+        return TextCondition.from_rows(emb, mask), TextCondition.from_rows(*self._encoder.null())
 
 
 def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list[dict[str, Any]]:
     """One row per routing mode (one row for a single model), every FID at the reference's sample count."""
     n = reference.n
+    text = sampler.conditioning == "text"
+    if text and reference.captions is None:
+        raise IslesError(
+            f"{reference.source} has no captions to prompt a text model with",
+            hint="evaluate text models on the captioned procedural set: --data procedural",
+        )
     conditional = sampler.num_classes is not None and reference.labels is not None
     if conditional and sampler.num_classes != reference.num_classes:
         raise IslesError(
@@ -186,9 +242,12 @@ def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list
         images, calls, start = [], 0.0, time.perf_counter()
         for i in range(0, n, config.batch_size):
             count = min(config.batch_size, n - i)
-            labels = reference.labels[i : i + count] if conditional else None
+            if text:
+                cond = reference.captions[i : i + count]
+            else:
+                cond = reference.labels[i : i + count] if conditional else None
             batch, batch_calls = sampler.sample(
-                count, labels, routing, config.steps, config.seed * 1_000_003 + i, config.guidance_scale
+                count, cond, routing, config.steps, config.seed * 1_000_003 + i, config.guidance_scale
             )
             images.append(batch)
             calls += batch_calls * count
@@ -201,7 +260,10 @@ def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list
             "n": n,
             "fid": round(metrics.fid(feats, reference.features), 4),
             "fid_floor": round(reference.floor, 4),
-            "accuracy": round(metrics.class_accuracy(logits, reference.labels), 4) if conditional else None,
+            # Text prompts name the class too (procedural captions): its read-back is the class accuracy.
+            "accuracy": round(metrics.class_accuracy(logits, reference.labels), 4)
+            if conditional or (text and reference.labels is not None)
+            else None,
             "real_accuracy": round(reference.real_accuracy, 4) if reference.real_accuracy is not None else None,
             "diversity": round(metrics.diversity(feats), 4),
             "real_diversity": round(reference.real_diversity, 4),
@@ -214,9 +276,27 @@ def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list
         }
         if config.inception:
             row["inception_fid"] = metrics.inception_fid(metrics.to_uint8(x), reference.pixels, config.device)
+        if text and reference.attributes is not None:
+            from .attributes import attribute_agreement
+
+            agreement = attribute_agreement(x, reference.attributes, cache_dir=config.cache_dir)
+            row["agreement"] = {k: round(v, 4) for k, v in agreement.items() if isinstance(v, float)}
+            row["agreement_chance"] = {k: round(v, 4) for k, v in agreement["chance"].items()}
+            row["real_agreement"] = reference_agreement(reference, config.cache_dir)
+        if text and config.clip_model:
+            from .clip_score import clip_score
+
+            row["clip_score"] = round(clip_score(x, reference.captions[:n], config.clip_model, config.device), 4)
         log.info("%s %s: FID %.3f (floor %.3f)", sampler.name, routing, row["fid"], row["fid_floor"])
         rows.append(row)
     return rows
+
+
+def reference_agreement(reference: Reference, cache_dir: Path | None = None) -> float:
+    """The attribute reader's "all attributes right" share on the real reference items: what a perfect model scores."""
+    from .attributes import attribute_agreement
+
+    return round(attribute_agreement(reference.pixels, reference.attributes, cache_dir=cache_dir)["all"], 4)
 
 
 def load_sampler(path: str, store: str | None = None, revision: str | None = None, device: str | None = None):
@@ -239,7 +319,8 @@ def load_sampler(path: str, store: str | None = None, revision: str | None = Non
 
         info = json.loads((folder / "expert.json").read_text()) if (folder / "expert.json").is_file() else {}
         model = load_model(folder).to(pick_device(device))
-        return ModelSampler(model, info.get("objective", "fm"), name=folder.name), info.get("data", {}).get("source")
+        sampler = ModelSampler(model, info.get("objective", "fm"), name=folder.name, info=info)
+        return sampler, info.get("data", {}).get("source")
     raise IslesError(
         f"{path} is neither an ensemble nor a model folder",
         hint="pass a folder with ensemble.json (isles aggregate) or config.json (one expert), or a repo with --store",
@@ -247,9 +328,15 @@ def load_sampler(path: str, store: str | None = None, revision: str | None = Non
 
 
 def sampler_shape(sampler) -> tuple[int, int]:
-    """(channels, resolution) of what a sampler makes."""
+    """(channels, resolution) of the images a sampler makes (decoded by the VAE, for latent models)."""
     if isinstance(sampler, EnsembleSampler):
-        return sampler.pipe.channels, sampler.pipe.resolution
-    config = sampler.model.config
-    res = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    return config.in_channels, res
+        channels, res = sampler.pipe.channels, sampler.pipe.resolution
+        vae = sampler.pipe.vae() if sampler.pipe.config.get("vae") else None
+    else:
+        config = sampler.model.config
+        channels = config.in_channels
+        res = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        vae = sampler.vae()
+    if vae is not None:
+        return vae.out_channels, res * vae.spec.downsample
+    return channels, res

@@ -10,8 +10,10 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_bytes, canonical_json
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=nn.Module)
 VERSION = 1  # bump when the architecture or training procedure changes: old cache entries are then ignored
 
 
@@ -117,29 +120,54 @@ def load_or_train(
 
     Procedural specs draw their own training items; any other spec needs the uint8 `pixels` and `labels` it hashes.
     """
-    from safetensors.torch import load_file, save
+    net = seeded(spec.seed, lambda: FeatureNet(spec.channels, spec.num_classes, spec.width, spec.feature_dim))
 
-    path = Path(cache_dir or default_cache_dir()) / f"{spec.key()}.safetensors"
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation, without touching the caller's RNG
-        torch.manual_seed(spec.seed)
-        net = FeatureNet(spec.channels, spec.num_classes, spec.width, spec.feature_dim)
-    if path.exists():
-        try:
-            net.load_state_dict(load_file(path))
-            return net.to(device).eval()
-        except Exception as exc:  # a truncated or stale cache entry: retrain rather than fail
-            log.warning("ignoring unreadable feature-network cache %s (%s)", path, exc)
+    def fit() -> None:  # only on a cache miss
+        train(net, *_training_data(spec, pixels, labels), spec)
+
+    return load_or_fit(net, cache_file(spec.key(), cache_dir), fit).to(device).eval()
+
+
+def _training_data(
+    spec: FeatureSpec, pixels: torch.Tensor | None, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.source == "procedural":
         from isles.experts import procedural
 
-        pixels, labels = procedural.generate(spec.train_items, seed=0, stream="features", resolution=spec.resolution)
+        return procedural.generate(spec.train_items, seed=0, stream="features", resolution=spec.resolution)
     if pixels is None or labels is None:
         raise IslesError(f"no training data for the feature network of {spec.source!r}", hint="pass pixels and labels")
+    return pixels, labels
+
+
+def seeded(seed: int, build: Callable[[], M]) -> M:
+    """`build()` (a network's initialisation) under `seed`, without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def cache_file(key: str, cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
+
+
+def load_or_fit(net: M, path: Path, fit: Callable[[], None]) -> M:
+    """`net` with the weights cached at `path`; without a readable entry, `fit()` trains it and writes the entry."""
+    from safetensors.torch import load_file, save
+
+    if path.exists():
+        initial = {k: v.clone() for k, v in net.state_dict().items()}
+        try:
+            net.load_state_dict(load_file(path))
+            return net
+        except Exception as exc:  # a truncated or stale cache entry: retrain (from the seeded init) rather than fail
+            log.warning("ignoring unreadable cached network %s (%s)", path, exc)
+            net.load_state_dict(initial)
     start = time.perf_counter()
-    train(net, pixels, labels, spec)
-    log.info("trained feature network %s in %.0fs; cached at %s", spec.key(), time.perf_counter() - start, path)
+    fit()
+    log.info("trained %s in %.0fs; cached at %s", type(net).__name__, time.perf_counter() - start, path)
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in net.state_dict().items()}))
-    return net.to(device).eval()
+    return net
 
 
 def train(net: FeatureNet, pixels: torch.Tensor, labels: torch.Tensor, spec: FeatureSpec) -> None:

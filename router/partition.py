@@ -1,5 +1,9 @@
 """Partition a data set into a run: embed every item, cluster with k-means, write one shard per cluster (with a
 held-out split), publish the shards to the artifact store and build the run manifest. `isles partition` wraps it.
+
+It streams: one pass reads the source in batches (VAE-encoding items into latents and embedding captions with the
+text encoder, each once, here), spooling rows to disk and keeping only the small clustering features; a second pass
+copies the spooled rows into one shard per cluster. Memory stays at a few batches, whatever the data set's size.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from isles.protocol.files import atomic_write_json
 log = logging.getLogger(__name__)
 
 OBJECTIVES_HELP = "fm, ddpm, or mixed:N (N DDPM experts, the rest flow matching)"
+COPY_CHUNK_BYTES = 64 << 20  # rows copied from the spool into the shards at a time
 MINIBATCH_ABOVE = 20_000  # items; above this, mini-batch k-means (one pass over a sample per step) instead of Lloyd
 
 
@@ -52,7 +57,17 @@ class PartitionConfig:
     router_batch: int = 128
     router_lr: float = 1e-3
     description: str = ""
-    device: str | None = None  # for DINOv2 / CLIP encoders; default: the best available
+    device: str | None = None  # for DINOv2 / CLIP encoders, the VAE and the text encoder; default: the best available
+    # What the experts are conditioned on: "class" (labelled data), "text" (captions), "none"; None: class if labelled.
+    conditioning: str | None = None
+    text_encoder: str = "clip"  # minilm (offline), clip (Paris 1.0: CLIP ViT-L/14), hf:<id> or a folder
+    text_max_length: int | None = None  # tokens per caption (default: the encoder's, 77 at most)
+    cond_dropout: float = 0.1  # captions (or labels) replaced by the null condition this often (Paris: 0.1)
+    hflip: bool = False  # experts train on random horizontal flips (not for captions that name left and right)
+    vae: str | None = None  # a diffusers AutoencoderKL (hf:<id>, repo id or folder): shards hold its latents
+    image_column: str | None = None  # hf: captioned data sets
+    caption_column: str | None = None
+    limit: int | None = None  # read at most this many items of the source
 
 
 @dataclass
@@ -64,6 +79,9 @@ class PartitionResult:
     class_counts: list[dict[int, int]]  # per cluster: {class: items}, empty when unlabelled
     shard_paths: list[Path]
     examples: list[torch.Tensor]  # per cluster: a few items (uint8 or latents) for a preview strip
+    skipped: int = 0  # items of the source that could not be decoded (skipped)
+    skipped_examples: list[str] | None = None
+    captions: list[list[str]] | None = None  # per cluster: the captions of the examples (text runs)
 
 
 def parse_objectives(spec: str, k: int) -> list[str]:
@@ -128,66 +146,77 @@ def default_name(source: str) -> str:
 
 def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], None] | None = None) -> PartitionResult:
     """Run the whole partition and write out/manifest.json; `on_progress(stage, done, total)` reports progress."""
-    from isles.experts.data import load_source, save_shard
+    from isles.experts.device import pick_device
     from isles.protocol.artifacts import open_store
-    from isles.protocol.records import ExpertRecipe, RouterRecipe, RunManifest, ShardRef
 
-    from .encoders import embed_items, make_encoder
+    from .encoders import make_encoder
+    from .partition_sources import SourceOptions, open_batches
 
     k = config.experts
     objectives = parse_objectives(config.objectives, k)
     if not 0.0 <= config.val_fraction < 1.0:
         raise IslesError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
-    data = load_source(config.source, resolution=config.resolution)
-    n = len(data)
-    if k > n:
-        raise IslesError(f"cannot make {k} clusters from {n} items", hint=f"use --experts {max(1, n // 10)} or fewer")
+    if config.conditioning not in (None, "class", "text", "none"):
+        raise IslesError(f"unknown conditioning {config.conditioning!r}", hint="use class, text or none")
+    text = config.conditioning == "text"
+    device = pick_device(config.device)
+    source = open_batches(
+        SourceOptions(
+            config.source,
+            captions=text,
+            resolution=config.resolution,
+            batch=config.embed_batch,
+            image_column=config.image_column,
+            caption_column=config.caption_column,
+            limit=config.limit,
+        )
+    )
+    encoder = make_encoder(config.encoder, device=device, seed=config.seed)
+    text_encoder = None
+    if text:
+        from .text_encoder import load_text_encoder
 
-    # 1. Embed every item (in batches) and cluster.
-    from isles.experts.device import pick_device
+        text_encoder = load_text_encoder(config.text_encoder, max_length=config.text_max_length, device=device)
+    vae = None
+    if config.vae:
+        from .vae import load_vae
 
-    encoder = make_encoder(config.encoder, device=pick_device(config.device), seed=config.seed)
-    done = 0
+        vae = load_vae(config.vae, device=device)
 
-    def step(batch_items: int) -> None:
-        nonlocal done
-        done += batch_items
-        if on_progress:
-            on_progress("embedding", done, n)
-
-    features = embed_items(data.items, encoder, batch_size=config.embed_batch, on_batch=step)
-    clusters = torch.from_numpy(kmeans(features, k, seed=config.seed))
-    val_mask = cluster_split(clusters, k, config.val_fraction, config.seed)
-
-    # 2. One shard per cluster, written atomically and published as one dataset revision.
     out = Path(config.out)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob("shard-*.safetensors"):
-        stale.unlink()
     name = config.name or default_name(config.source)
-    channels, height, _ = data.shape
-    meta = dict(data.meta)
-    shard_paths, hashes, sizes, val_sizes, class_counts, examples = [], [], [], [], [], []
-    for c in range(k):
-        member = clusters == c
-        shard = data.subset(member)
-        shard.clusters = torch.full((len(shard),), c, dtype=torch.long)
-        shard.val_mask = val_mask[member]
-        shard = shard.with_meta(**meta, cluster=c, num_clusters=k, run_name=name, encoder=config.encoder)
-        path = shard_dir / f"shard-{c}.safetensors"
-        hashes.append(save_shard(shard, path))
-        shard_paths.append(path)
-        sizes.append(len(shard))
-        val_sizes.append(int(shard.val_mask.sum()))
-        if shard.labels is not None:
-            values, counts = torch.unique(shard.labels, return_counts=True)
-            class_counts.append({int(v): int(m) for v, m in zip(values, counts, strict=True)})
-        else:
-            class_counts.append({})
-        examples.append(shard.items[:8])
-        if on_progress:
-            on_progress("shards", c + 1, k)
+
+    # 1. One pass over the source: items (latents) and caption embeddings spooled to disk, features kept.
+    spool_path = out / ".partition-spool.safetensors"
+    features, labelled = _spool(source, spool_path, encoder, text_encoder, vae, on_progress)
+    try:
+        n = features.shape[0]
+        if n == 0:
+            raise IslesError(f"{config.source} gave no items", hint=_skipped_hint(source))
+        if k > n:
+            raise IslesError(
+                f"cannot make {k} clusters from {n} items", hint=f"use --experts {max(1, n // 10)} or fewer"
+            )
+        clusters = torch.from_numpy(kmeans(features, k, seed=config.seed))
+        val_mask = cluster_split(clusters, k, config.val_fraction, config.seed)
+
+        # 2. One shard per cluster, copied from the spool in row order, then published as one dataset revision.
+        for stale in shard_dir.glob("shard-*.safetensors"):
+            stale.unlink()
+        meta = dict(source.meta)
+        if text_encoder is not None:
+            meta["text_encoder"] = text_encoder.spec.to_dict()
+        if vae is not None:
+            meta.update(latent=True, vae=vae.spec.to_dict())
+        if source.attribute_names:
+            meta["attribute_names"] = source.attribute_names
+        meta.update(num_clusters=k, run_name=name, encoder=config.encoder)
+        written = _write_shards(spool_path, clusters, val_mask, shard_dir, meta, on_progress)
+    finally:
+        spool_path.unlink(missing_ok=True)
+    shard_paths, hashes, sizes, val_sizes, class_counts, examples, captions = written
 
     store_uri = config.store or str((out / "store").resolve())
     store = open_store(store_uri)
@@ -196,14 +225,174 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
     log.info("published %d shards to %s as %s@%s", k, store_uri, repo, revision[:12])
 
     # 3. The manifest: shards + one recipe per shard + the router recipe. run_id covers all of it.
-    num_classes = data.num_classes if data.labels is not None else None
+    manifest = _manifest(
+        config, name, objectives, source, labelled, text_encoder, vae, store_uri, repo, revision, written, n
+    )
+    manifest_path = out / "manifest.json"
+    atomic_write_json(manifest_path, manifest.dict())
+    return PartitionResult(
+        manifest,
+        manifest_path,
+        sizes,
+        val_sizes,
+        class_counts,
+        shard_paths,
+        examples,
+        skipped=source.skipped,
+        skipped_examples=source.skipped_examples,
+        captions=captions if text else None,
+    )
+
+
+def _skipped_hint(source) -> str:
+    if source.skipped:
+        return f"{source.skipped} items could not be decoded (e.g. {', '.join(source.skipped_examples[:3])})"
+    return "check the source path and its contents"
+
+
+def _spool(source, path: Path, encoder, text_encoder, vae, on_progress) -> tuple[np.ndarray, bool]:
+    """Read every batch once: write its rows (items or latents, labels, caption embeddings) to a spool shard at
+    `path` and return the clustering features [N, d] and whether every item has a label."""
+    from isles.experts.data import encode_captions, set_null_text
+    from isles.experts.shard_file import ShardWriter
+
+    writer = ShardWriter(path)
+    features: list[np.ndarray] = []
+    pending: list = []  # batches held until the encoder is fitted (PCA: on the first fit_items items)
+    fit_items = getattr(encoder, "fit_items", 0)
+    done, fitted, labelled = 0, fit_items == 0, True
+    try:
+
+        def flush(batch) -> None:
+            nonlocal done, labelled
+            features.append(encoder.encode(batch.pixels))
+            items = batch.pixels if vae is None else vae.encode(batch.pixels).cpu()
+            text = mask = None
+            if text_encoder is not None:
+                if batch.captions is None:
+                    raise IslesError("the source gave items without captions", hint="text runs need captioned data")
+                text, mask = text_encoder(batch.captions)
+            labelled = labelled and batch.labels is not None
+            writer.append(
+                items=items,
+                labels=batch.labels if labelled else None,
+                text=None if text is None else text.to(torch.float16),
+                text_mask=None if mask is None else mask.to(torch.uint8),
+                captions=None if text is None else encode_captions(batch.captions),
+                attributes=batch.attributes,
+            )
+            done += len(batch.pixels)
+            if on_progress:
+                on_progress("embedding", done, source.size_hint or done)
+
+        for batch in source:
+            if fitted:
+                flush(batch)
+                continue
+            pending.append(batch)
+            if sum(len(b.pixels) for b in pending) >= fit_items:
+                encoder.fit(torch.cat([b.pixels for b in pending]))
+                fitted = True
+                for held in pending:
+                    flush(held)
+                pending = []
+        if pending:
+            encoder.fit(torch.cat([b.pixels for b in pending]))
+            for held in pending:
+                flush(held)
+        if text_encoder is not None:
+            set_null_text(writer, text_encoder.null())
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.rows == 0:
+        writer.abort()
+        return np.zeros((0, 1), dtype=np.float32), False
+    writer.close({})
+    return np.concatenate(features, axis=0), labelled
+
+
+def _write_shards(spool_path: Path, clusters: torch.Tensor, val_mask: torch.Tensor, shard_dir: Path, meta, progress):
+    """Copy the spooled rows into one shard per cluster (rows in source order); returns paths, hashes, sizes,
+    held-out sizes, class counts, example items and example captions per cluster."""
+    from isles.experts.data import decode_captions, set_null_text, shard_header
+    from isles.experts.shard_file import ShardFile, ShardWriter
+
+    spool = ShardFile(spool_path)
+    k = int(clusters.max()) + 1
+    columns = {name: spool.column(name) for name in spool.entries if name not in ("null_text", "null_text_mask")}
+    labels = spool.tensor("labels") if "labels" in spool else None
+    writers = [ShardWriter(shard_dir / f"shard-{c}.safetensors") for c in range(k)]
+    n = clusters.numel()
+    row_bytes = sum(column.row_bytes for column in columns.values())
+    chunk = max(1, min(4096, COPY_CHUNK_BYTES // max(1, row_bytes)))  # CLIP captions are 118 kB a row
+    try:
+        for start in range(0, n, chunk):
+            rows = torch.arange(start, min(n, start + chunk))
+            values = {name: column.read(rows) for name, column in columns.items()}
+            for c in range(k):
+                member = (clusters[rows] == c).nonzero(as_tuple=True)[0]
+                if member.numel() == 0:
+                    continue
+                picked = {name: value[member] for name, value in values.items()}
+                writers[c].append(
+                    **picked,
+                    clusters=torch.full((member.numel(),), c, dtype=torch.int64),
+                    val_mask=val_mask[rows][member].to(torch.uint8),
+                )
+            if progress:
+                progress("shards", min(n, start + chunk), n)
+        null = (spool.tensor("null_text"), spool.tensor("null_text_mask")) if "null_text" in spool else None
+        hashes = []
+        for c, writer in enumerate(writers):
+            set_null_text(writer, null)
+            hashes.append(writer.close(shard_header({**meta, "cluster": c})))
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    paths = [w.path for w in writers]
+    sizes = [int((clusters == c).sum()) for c in range(k)]
+    val_sizes = [int(val_mask[clusters == c].sum()) for c in range(k)]
+    class_counts: list[dict[int, int]] = []
+    examples, captions = [], []
+    for c in range(k):
+        member = (clusters == c).nonzero(as_tuple=True)[0]
+        if labels is not None:
+            values, counts = torch.unique(labels[member], return_counts=True)
+            class_counts.append({int(v): int(m) for v, m in zip(values, counts, strict=True)})
+        else:
+            class_counts.append({})
+        examples.append(columns["items"].read(member[:8]))
+        captions.append(decode_captions(columns["captions"].read(member[:8])) if "captions" in columns else [])
+    return paths, hashes, sizes, val_sizes, class_counts, examples, captions
+
+
+def _manifest(config, name, objectives, source, labelled, text_encoder, vae, store_uri, repo, revision, written, n):
+    from isles.protocol.records import ExpertRecipe, RouterRecipe, RunManifest, ShardRef, TextEncoderRef, VaeRef
+
+    shard_paths, hashes, sizes, val_sizes, _, examples, _ = written
+    k = len(shard_paths)
+    channels, height = int(examples[0].shape[1]), int(examples[0].shape[2])
+    num_classes = source.meta.get("num_classes") if labelled else None
+    conditioning = config.conditioning or ("class" if num_classes else "none")
+    if conditioning == "class" and not num_classes:
+        hint = "use --conditioning none (or text, for captioned data)"
+        raise IslesError(f"{config.source} has no class labels", hint=hint)
+    text_width = text_encoder.spec.width if text_encoder is not None else None
+    text_length = text_encoder.spec.max_length if text_encoder is not None else None
     experts = [
         ExpertRecipe(
             preset=config.preset,
             objective=objectives[c],
             channels=channels,
             resolution=height,
-            num_classes=num_classes,
+            num_classes=num_classes if conditioning == "class" else None,
+            conditioning=conditioning,
+            text_width=text_width,
+            text_length=text_length,
+            cond_dropout=float(config.cond_dropout),
+            hflip=config.hflip,
             steps=config.steps,
             global_batch=config.global_batch,
             lr=float(config.lr),
@@ -221,8 +410,9 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
         warmup_steps=min(100, config.router_steps // 10),
         ema_decay=0.999,
         seed=config.seed,
-        # Class-aware router r(x_t, t, c) when the data has labels: k-means clusters mix classes.
-        class_conditional=num_classes is not None,
+        # Class-aware router r(x_t, t, c) when the experts take a class: k-means clusters mix classes. A text run's
+        # router sees x_t and t only, as in the papers.
+        class_conditional=conditioning == "class",
     )
     shards = [
         ShardRef(
@@ -236,12 +426,14 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
         )
         for c, (path, digest, size, val) in enumerate(zip(shard_paths, hashes, sizes, val_sizes, strict=True))
     ]
+    space = f"latents of {config.vae} " if vae is not None else ""
     description = config.description or (
-        f"{config.source}: {n} items {channels}x{height}x{height}"
+        f"{config.source}: {n} items, {space}{channels}x{height}x{height}"
         + (f", {num_classes} classes" if num_classes else ", unlabelled")
+        + (f", captions embedded by {text_encoder.spec.id}" if text_encoder is not None else "")
         + f"; {k} clusters by k-means on {config.encoder} features"
     )
-    manifest = RunManifest.create(
+    return RunManifest.create(
         name=name,
         dataset=config.source,
         description=description,
@@ -250,7 +442,6 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
         experts=experts,
         router=router,
         created_time=float(time.time()),
+        text_encoder=TextEncoderRef(**text_encoder.spec.to_dict()) if text_encoder is not None else None,
+        vae=VaeRef(**vae.spec.to_dict()) if vae is not None else None,
     )
-    manifest_path = out / "manifest.json"
-    atomic_write_json(manifest_path, manifest.dict())
-    return PartitionResult(manifest, manifest_path, sizes, val_sizes, class_counts, shard_paths, examples)

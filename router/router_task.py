@@ -53,25 +53,16 @@ class RouterTask:
         has_labels = all(s.labels is not None for s in self.shards)
         self.num_classes = self.shards[0].num_classes if (self.conditional and has_labels) else None
         train, val = [], []
-        for k, shard in enumerate(self.shards):
+        for shard in self.shards:
             tr, va = shard.train_split(), shard.val_split()
             if self.max_items_per_shard is not None:
                 tr = tr.subset(torch.arange(min(len(tr), self.max_items_per_shard)))
-            train.append((tr, k))
-            val.append((va, k))
-        self._train_x, self._train_y, self._train_c = self._stack(train)
-        self._val_x, self._val_y, self._val_c = self._stack(val)
-        if self._train_x.shape[0] == 0:
+            train.append(tr)
+            val.append(va)
+        # Items stay in their shard files (read per batch): memory does not grow with the shards' size.
+        self._train, self._val = _Rows(train, self.num_classes), _Rows(val, self.num_classes)
+        if len(self._train) == 0:
             raise IslesError("the shards have no training items for the router")
-
-    def _stack(self, parts):
-        xs = [to_model_space(p.items) for p, _ in parts]
-        ys = [torch.full((len(p),), k, dtype=torch.long) for p, k in parts]
-        cs = [
-            p.labels.long() if self.num_classes is not None else torch.zeros(len(p), dtype=torch.long)
-            for p, _ in parts
-        ]
-        return torch.cat(xs), torch.cat(ys), torch.cat(cs)
 
     # --- the trainer's task protocol -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -83,7 +74,7 @@ class RouterTask:
             "shape": [c, h, h],
             "num_classes": self.num_classes,
             "label_dropout": self.label_dropout,
-            "train_items": int(self._train_x.shape[0]),
+            "train_items": len(self._train),
         }
 
     def config(self):
@@ -94,7 +85,7 @@ class RouterTask:
         return RouterModel(self.config())
 
     def train_size(self) -> int:
-        return int(self._train_x.shape[0])
+        return len(self._train)
 
     def flops_per_sample(self) -> int:
         """Training FLOPs per item (forward + backward, torch.utils.flop_counter), so the router's cost is counted
@@ -102,21 +93,21 @@ class RouterTask:
         from torch.utils.flop_counter import FlopCounterMode
 
         model = self.build_model()
-        x = torch.zeros(2, *self._train_x.shape[1:])
+        x = torch.zeros(2, *self.shards[0].shape)
         labels = torch.zeros(2, dtype=torch.long) if self.num_classes is not None else None
         with FlopCounterMode(display=False) as counter:
             model(x, torch.full((2,), 0.5), labels).sum().backward()
         return int(counter.get_total_flops()) // 2
 
     def make_batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x0 = self._train_x[indices]
+        x0 = self._train.items(indices)
         t = torch.rand(len(indices), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
         te = t.reshape(-1, *([1] * (x0.ndim - 1)))
-        batch = {"x_t": (1 - te) * x0 + te * eps, "t": t, "target": self._train_y[indices]}
+        batch = {"x_t": (1 - te) * x0 + te * eps, "t": t, "target": self._train.cluster[indices]}
         if self.num_classes is not None:
             drop = torch.rand(len(indices), generator=generator) < self.label_dropout
-            batch["labels"] = torch.where(drop, self.num_classes, self._train_c[indices])  # the null class
+            batch["labels"] = torch.where(drop, self.num_classes, self._train.labels[indices])  # the null class
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -126,18 +117,18 @@ class RouterTask:
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
         """Held-out cross-entropy and accuracy, overall and at each noise level of VAL_TIMES (fixed noise)."""
-        n = min(int(self._val_x.shape[0]), VAL_MAX_ITEMS)
+        n = min(len(self._val), VAL_MAX_ITEMS)
         if n == 0:
             return {"val_items": 0}
-        idx = torch.linspace(0, self._val_x.shape[0] - 1, n).round().long()  # spread over every shard
-        labels = self._val_c[idx] if self.num_classes is not None else None
-        report = router_accuracy(model, self._val_x[idx], self._val_y[idx], labels, device, VAL_TIMES)
+        idx = torch.linspace(0, len(self._val) - 1, n).round().long()  # spread over every shard
+        labels = self._val.labels[idx] if self.num_classes is not None else None
+        report = router_accuracy(model, self._val.items(idx), self._val.cluster[idx], labels, device, VAL_TIMES)
         return {
             "val_items": n,
             "val_loss": report["loss"],
             "val_accuracy": report["accuracy"],
             "accuracy_by_t": report["accuracy_by_t"],
-            "chance_accuracy": float(torch.bincount(self._val_y[idx]).max()) / n,
+            "chance_accuracy": float(torch.bincount(self._val.cluster[idx]).max()) / n,
         }
 
     def export(self, model: torch.nn.Module, folder: Path, metrics: dict[str, Any]) -> None:
@@ -154,6 +145,32 @@ class RouterTask:
                 "metrics": metrics,
             },
         )
+
+
+class _Rows:
+    """The items of several shards as one indexable set: (shard, row) per position, items read on demand."""
+
+    def __init__(self, parts: Sequence[Any], num_classes: int | None):
+        self.parts = list(parts)
+        sizes = [len(p) for p in self.parts]
+        self.cluster = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(sizes)])
+        self.row = torch.cat([torch.arange(n) for n in sizes])
+        self.labels = torch.cat(
+            [p.labels.long() if num_classes is not None else torch.zeros(len(p), dtype=torch.long) for p in self.parts]
+        )
+
+    def __len__(self) -> int:
+        return int(self.cluster.numel())
+
+    def items(self, index: torch.Tensor) -> torch.Tensor:
+        """Items at `index` (in order) in model space, read shard by shard."""
+        shape = self.parts[0].shape
+        out = torch.empty(len(index), *shape)
+        clusters, rows = self.cluster[index], self.row[index]
+        for k in clusters.unique().tolist():
+            where = (clusters == k).nonzero(as_tuple=True)[0]
+            out[where] = to_model_space(self.parts[k].items[rows[where]])
+        return out
 
 
 @torch.no_grad()

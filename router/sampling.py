@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from isles.experts.conditioning import TextCondition, cat_conditions
 from isles.protocol.errors import IslesError
 
 # velocity_fn(x_t [B,...], t [B], class_labels [B] | None) -> v [B,...]
@@ -77,18 +78,22 @@ def routing_weights(probs: torch.Tensor, routing: Routing) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def guided(velocity_fn: VelocityFn, guidance_scale: float, null_label: int | None) -> VelocityFn:
-    """Classifier-free guidance on one expert, before mixing: v = v(null) + w (v(c) - v(null))."""
-    if guidance_scale == 1.0 or null_label is None:
+def guided(velocity_fn: VelocityFn, guidance_scale: float, null) -> VelocityFn:
+    """Classifier-free guidance on one expert, before mixing: v = v(null) + w (v(c) - v(null)), in one forward pass
+    over [c; null]. `null` is the null class index (class models) or the empty caption's TextCondition (one row)."""
+    if guidance_scale == 1.0 or null is None:
         return velocity_fn
 
-    def fn(x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        if class_labels is None:
+    def fn(x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        if cond is None:
             return velocity_fn(x_t, t, None)
-        null = torch.full_like(class_labels, null_label)
-        both = velocity_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
-        cond, uncond = both.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        if isinstance(cond, TextCondition):
+            uncond_input = null.expand(len(cond)).to(x_t.device)
+        else:
+            uncond_input = torch.full_like(cond, null)
+        both = velocity_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions(cond, uncond_input))
+        v_cond, v_uncond = both.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
 
     return fn
 
@@ -98,9 +103,10 @@ def mixed_velocity(
     weights: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
-    class_labels: torch.Tensor | None = None,
+    class_labels=None,
 ) -> torch.Tensor:
-    """sum_k w_k v_k(x_t, t); each expert runs only on the rows that give it a non-zero weight."""
+    """sum_k w_k v_k(x_t, t); each expert runs only on the rows that give it a non-zero weight. `class_labels` is the
+    experts' condition: class labels [B] or a TextCondition."""
     out = torch.zeros_like(x_t, dtype=torch.float32)
     shape = (-1,) + (1,) * (x_t.ndim - 1)
     for k, fn in enumerate(experts):
@@ -117,9 +123,10 @@ def mixed_velocity(
 
 @dataclass
 class SampleResult:
-    images: torch.Tensor  # [B, C, H, W] in the data scale, [-1, 1] for pixels
+    images: torch.Tensor  # [B, C, H, W] in the data scale, [-1, 1] for pixels (decoded when the ensemble has a VAE)
     weights: torch.Tensor | None = None  # [steps, B, K] mixing weights used at each step
     times: torch.Tensor | None = None  # [steps] the t of each step
+    latents: torch.Tensor | None = None  # what the experts produced, before the VAE decoded it (latent ensembles)
 
     @property
     def choices(self) -> torch.Tensor | None:
@@ -135,14 +142,17 @@ def sample_ensemble(
     *,
     steps: int = 30,
     routing: Routing | str = "top1",
-    class_labels: torch.Tensor | None = None,
+    class_labels=None,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     return_routing: bool = False,
+    callback: Callable[[int], None] | None = None,
 ) -> SampleResult:
     """Euler from t=1 (noise) to t=0 with the routed mixture of expert velocities; seeded through `generator`.
 
-    `experts[k]` is None where expert k is missing; the router is renormalised over the others.
+    `experts[k]` is None where expert k is missing; the router is renormalised over the others. `class_labels` is
+    the condition passed to the experts and the router: class labels [B], a TextCondition, or None. `callback(i)` runs
+    after step i (a progress bar's tick).
     """
     if steps < 1:
         raise IslesError(f"steps must be at least 1, got {steps}", hint="use --steps 30")
@@ -161,6 +171,8 @@ def sample_ensemble(
             trace.append(weights.cpu())
         v = mixed_velocity(experts, weights, x, t, class_labels)
         x = x + float(times[i + 1] - times[i]) * v  # dt < 0: toward the data
+        if callback is not None:
+            callback(i)
     return SampleResult(
         images=x,
         weights=torch.stack(trace) if return_routing else None,

@@ -39,7 +39,7 @@ def test_shard_round_trip_with_sha256(tmp_path):
     assert digest == sha256_file(path)
     assert [p.name for p in tmp_path.iterdir()] == ["shard.safetensors"]  # no temporary file left behind
     back = load_shard(path, sha256=digest)
-    assert torch.equal(back.items, shard.items) and torch.equal(back.labels, shard.labels)
+    assert torch.equal(back.items[:], shard.items) and torch.equal(back.labels, shard.labels)
     assert torch.equal(back.clusters, shard.clusters) and torch.equal(back.val_mask, shard.val_mask)
     assert back.meta == shard.meta
     assert save_shard(shard, tmp_path / "again.safetensors") == digest  # same data, same bytes
@@ -56,7 +56,7 @@ def test_unlabelled_latent_shard_round_trip(tmp_path):
     save_shard(shard, tmp_path / "z.safetensors")
     back = load_shard(tmp_path / "z.safetensors")
     assert back.labels is None and back.is_latent and back.num_classes is None
-    assert torch.equal(back.items, shard.items)
+    assert torch.equal(back.items[:], shard.items)
 
 
 def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
@@ -124,34 +124,3 @@ def test_empty_folder_and_hf_without_datasets(tmp_path):
     except ImportError:
         with pytest.raises(IslesError, match="datasets"):
             load_source("hf:cifar10")
-
-
-def test_vae_latents_with_a_tiny_random_autoencoder(tmp_path):
-    from diffusers import AutoencoderKL
-
-    from isles.experts.latents import decode_latents, encode_shard, load_vae
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=8,
-    )
-    vae.save_pretrained(tmp_path / "vae")
-    vae = load_vae(tmp_path / "vae")
-    shard = load_source("digits").subset(torch.arange(12))
-    latents = encode_shard(shard, vae, batch_size=5)
-    assert latents.shape == (4, 4, 4) and latents.is_latent and len(latents) == 12
-    assert latents.meta["latent"]["scaling_factor"] == vae.config.scaling_factor
-    assert torch.equal(latents.labels, shard.labels)
-    save_shard(latents, tmp_path / "latents.safetensors")
-    back = load_shard(tmp_path / "latents.safetensors")
-    images = decode_latents(back.items, vae)
-    assert images.shape == (12, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
-    with pytest.raises(IslesError, match="already holds latents"):
-        encode_shard(latents, vae)

@@ -210,6 +210,7 @@ def test_save_load_round_trip_samples_identically(tmp_path):
     pipe = _tiny_pipeline()
     manifest = pipe.save_pretrained(tmp_path / "ens")
     assert {"expert_0/config.json", "expert_1/expert.json", "router/model.safetensors"} <= set(manifest["files"])
+    assert "model_index.json" in manifest["files"]  # the diffusers view of the pipeline, hashed like the rest
     assert (tmp_path / "ens" / "expert_2" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = EnsemblePipeline.from_pretrained(tmp_path / "ens", device="cpu")
     assert loaded.missing == [] and loaded.experts[1].objective == "ddpm" and loaded.num_classes == 4

@@ -21,6 +21,9 @@ def demo(
     experts: int = typer.Option(None, "--experts", min=2, help="Number of expert shards (default 4)."),
     volunteers: int = typer.Option(None, "--volunteers", min=1, help="Number of volunteer processes (default 2)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny recipe: under 2 minutes on 2 CPU cores."),
+    text: bool = typer.Option(
+        False, "--text", help="Text-to-image: captioned procedural images, PixArt experts, a grid per prompt."
+    ),
     work_dir: Path = typer.Option(
         None, "--work-dir", help="Folder for the store, logs and models (default: a new temp folder)."
     ),
@@ -29,9 +32,12 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """The whole system on one machine: every role is its own process talking over a real DHT on 127.0.0.1."""
-    from isles.client.demo import FULL, QUICK, DemoConfig, run_demo
+    from isles.client.demo import FULL, QUICK, TEXT_FULL, TEXT_QUICK, DemoConfig, run_demo
 
-    recipe = QUICK if quick else FULL
+    if text:
+        recipe = TEXT_QUICK if quick else TEXT_FULL
+    else:
+        recipe = QUICK if quick else FULL
     experts = experts or recipe.experts
     volunteers = volunteers or recipe.volunteers
     recipe = dataclasses.replace(recipe, experts=experts, volunteers=volunteers)
@@ -75,6 +81,8 @@ def _print_summary(summary: dict) -> None:
     output.stdout.print(table)
     output.stdout.print(f"ensemble: {summary.get('ensemble')}")
     output.stdout.print(f"samples:  {summary.get('samples')}")
+    if summary.get("prompt_grid"):
+        output.stdout.print(f"prompts:  {summary['prompt_grid']} (one row per prompt)")
     output.stdout.print(
         f"store:    {summary.get('store_uri')} repo {summary.get('repo')} rev {summary.get('revision')}"
     )

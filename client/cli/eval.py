@@ -1,4 +1,5 @@
-"""`isles eval MODEL`: FID (beside its real-vs-real floor), class accuracy, diversity and cost, one row per routing.
+"""`isles eval MODEL`: FID (beside its real-vs-real floor), class accuracy, diversity and cost, one row per routing;
+text models add text-image agreement on the procedural set (and a CLIP score with --clip-model).
 
 `isles eval ./ensemble --n 1000 --routing top1 --routing full --json-out eval.json`; MODEL may also be one expert's
 folder (a diffusers folder with expert.json), or a repo of --store.
@@ -28,7 +29,12 @@ def eval_command(
     ),
     steps: int = typer.Option(30, "--steps", min=1, help="Euler steps per sample."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale per expert (1 = off)."),
+    guidance: float = typer.Option(
+        None, "--guidance", help="Classifier-free guidance per expert (1 = off; default: 4.5 for text models, else 1)."
+    ),
+    clip_model: str = typer.Option(
+        None, "--clip-model", help="Text models: also the CLIP score with this CLIP (clip, clip-l, hf:<id>, folder)."
+    ),
     batch_size: int = typer.Option(250, "--batch-size", min=1, help="Samples generated at once."),
     inception: bool = typer.Option(
         False, "--inception", help='Also the Inception FID (needs: pip install "isles\\[fid]").'
@@ -51,12 +57,14 @@ def eval_command(
     if not Path(model).exists() and store is None:
         raise IslesError(f"no model at {model}", hint="pass an ensemble or expert folder, or a repo with --store")
     dev = str(pick_device(device))
-    config = EvalConfig(
-        n=n, routings=routings, steps=steps, seed=seed, batch_size=batch_size, guidance_scale=guidance,
-        inception=inception, device=dev, cache_dir=cache_dir,
-    )  # fmt: skip
     with output.stderr.status(f"loading {model}"):
         sampler, recorded = load_sampler(model, store=store, revision=revision, device=dev)
+    if guidance is None:
+        guidance = 4.5 if sampler.conditioning == "text" else 1.0
+    config = EvalConfig(
+        n=n, routings=routings, steps=steps, seed=seed, batch_size=batch_size, guidance_scale=guidance,
+        inception=inception, device=dev, cache_dir=cache_dir, clip_model=clip_model,
+    )  # fmt: skip
     source = data or recorded
     if not source:
         raise IslesError("the model does not record its data set", hint="pass --data (e.g. --data digits)")
@@ -96,11 +104,28 @@ def rows_table(rows: list[dict], title: str = ""):
     ]
     if any("inception_fid" in r for r in rows):
         columns.insert(3, ("Inception FID", "inception_fid", ".2f"))
+    if any("agreement" in r for r in rows):  # text models on the procedural set
+        for attribute in ("all", "class", "colour", "position", "size"):
+            columns.insert(-2, (f"agree {attribute}", f"agreement.{attribute}", ".3f"))
+    if any("clip_score" in r for r in rows):
+        columns.insert(-2, ("CLIP score", "clip_score", ".2f"))
     for name, _, _ in columns:
         table.add_column(name, justify="left" if name == "routing" else "right")
     for row in rows:
-        table.add_row(*[_fmt(row.get(key), fmt) for _, key, fmt in columns])
+        table.add_row(*[_fmt(_get(row, key), fmt) for _, key, fmt in columns])
+    if rows and "agreement" in rows[0]:
+        chance, real = rows[0]["agreement_chance"], rows[0]["real_agreement"]
+        table.caption += f"; agreement: real items {real:.3f}, chance " + ", ".join(
+            f"{k} {v:.3f}" for k, v in chance.items()
+        )
     return table
+
+
+def _get(row: dict, key: str):
+    """row[key], where "a.b" reads row["a"]["b"]."""
+    for part in key.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
 
 
 def _fmt(value, fmt: str) -> str:

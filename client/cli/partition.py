@@ -1,6 +1,7 @@
 """`isles partition SOURCE --experts K --out DIR`: cluster a data set into shards and write the run manifest.
 
 `isles partition digits --experts 4 --out runs/digits --preset unet-tiny --steps 2000 --objectives mixed:1`
+`isles partition captions/ --conditioning text --text-encoder clip --vae hf:stabilityai/sd-vae-ft-mse ...`
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ def register(app: typer.Typer) -> None:
 
 
 def partition(
-    source: str = typer.Argument(..., help="digits, a folder of images, or hf:<dataset>[:split]."),
+    source: str = typer.Argument(
+        ...,
+        help="digits, procedural[:N], a folder of images (class subfolders; or captions in metadata.jsonl / .txt), "
+        "WebDataset tars (a .tar, a folder of them, or shards-{0000..0009}.tar), or hf:<dataset>[:split].",
+    ),
     experts: int = typer.Option(..., "--experts", "-k", help="Number of clusters = experts."),
     out: Path = typer.Option(..., "--out", help="Run folder: manifest.json, shards/, clusters/ and the local store."),
     store: str = typer.Option(None, "--store", help="Where shards are published: hf://<namespace> or a folder."),
@@ -33,10 +38,25 @@ def partition(
     router_steps: int = typer.Option(2000, "--router-steps", min=1, help="Training steps of the router."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of every cluster held out."),
     seed: int = typer.Option(0, "--seed", help="Seed of the encoder fit, k-means, splits and recipes."),
+    conditioning: str = typer.Option(
+        None, "--conditioning", help="class, text (captions) or none (default: class if labelled, else none)."
+    ),
+    text_encoder: str = typer.Option(
+        "clip", "--text-encoder", help="Caption encoder: clip (CLIP ViT-L/14), minilm (offline), hf:<id> or a folder."
+    ),
+    text_max_length: int = typer.Option(None, "--text-max-length", min=1, help="Tokens per caption (default: 77)."),
+    caption_dropout: float = typer.Option(0.1, "--caption-dropout", help="Share of captions (or labels) dropped."),
+    hflip: bool = typer.Option(
+        False, "--hflip", help="Experts train on random left-right flips (not if captions name left and right)."
+    ),
+    vae: str = typer.Option(None, "--vae", help="Encode items once with this AutoencoderKL (hf:<id> or a folder)."),
+    image_column: str = typer.Option(None, "--image-column", help="hf: and tar sources: the image column."),
+    caption_column: str = typer.Option(None, "--caption-column", help="The caption column (default: text/caption)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Read at most this many items of the source."),
     as_json: bool = typer.Option(False, "--json", help="Print the run id, manifest path and clusters as JSON."),
 ) -> None:
     """Embed every item, cluster with k-means, write and publish one shard per cluster, write the run manifest."""
-    from isles.experts.presets import get_preset
+    from isles.experts.presets import get_preset, is_text_preset
     from isles.protocol.errors import IslesError
     from isles.router.model import ROUTER_PRESETS
     from isles.router.partition import PartitionConfig, parse_objectives
@@ -48,6 +68,13 @@ def partition(
     if router_preset not in ROUTER_PRESETS:
         raise IslesError(f"unknown router preset {router_preset!r}", hint=f"use one of: {', '.join(ROUTER_PRESETS)}")
     get_preset(preset)  # fail fast on an unknown preset too
+    if conditioning is not None and conditioning not in ("class", "text", "none"):
+        raise IslesError(f"unknown conditioning {conditioning!r}", hint="use class, text or none")
+    if is_text_preset(preset) != (conditioning == "text"):
+        hint = "pixart-tiny with --conditioning text" if conditioning == "text" else "a unet-*/dit-* preset"
+        raise IslesError(f"preset {preset} does not fit {conditioning or 'class'} conditioning", hint=f"use {hint}")
+    if not 0.0 <= caption_dropout < 1.0:
+        raise IslesError(f"--caption-dropout must be in [0, 1), got {caption_dropout}")
     config = PartitionConfig(
         source=source,
         experts=experts,
@@ -65,6 +92,15 @@ def partition(
         lr=lr,
         router_preset=router_preset,
         router_steps=router_steps,
+        conditioning=conditioning,
+        text_encoder=text_encoder,
+        text_max_length=text_max_length,
+        cond_dropout=caption_dropout,
+        hflip=hflip,
+        vae=vae,
+        image_column=image_column,
+        caption_column=caption_column,
+        limit=limit,
     )
     with output.progress(transient=True) as bar:
         tasks: dict[str, object] = {}
@@ -97,6 +133,7 @@ def partition(
                 "objective": manifest.experts[c].objective,
                 "top_classes": {str(k): v for k, v in top},
                 "examples": strips[c],
+                "captions": result.captions[c] if result.captions else [],
             }
         )
     if as_json:
@@ -105,6 +142,9 @@ def partition(
                 "run_id": manifest.run_id,
                 "manifest": str(result.manifest_path),
                 "store": manifest.store,
+                "items": total,
+                "skipped": result.skipped,
+                "skipped_examples": result.skipped_examples or [],
                 "clusters": rows,
             }
         )
@@ -112,7 +152,7 @@ def partition(
     from rich.table import Table
 
     table = Table(title=f"run {manifest.run_id}: {manifest.name}, {len(rows)} clusters of {total} items")
-    for column in ("cluster", "items", "share", "held out", "objective", "main classes"):
+    for column in ("cluster", "items", "share", "held out", "objective", "main classes", "a caption"):
         table.add_column(column)
     for row in rows:
         classes = ", ".join(f"{k} ({v})" for k, v in row["top_classes"].items()) or "-"
@@ -123,8 +163,12 @@ def partition(
             str(row["val_items"]),
             row["objective"],
             classes,
+            (row["captions"] or ["-"])[0],
         )
     output.stdout.print(table)
+    if result.skipped:
+        examples = ", ".join(result.skipped_examples or [])
+        output.stdout.print(f"skipped:  {result.skipped} items that could not be decoded ({examples})")
     output.stdout.print(f"run id:   {manifest.run_id}")
     output.stdout.print(f"manifest: {result.manifest_path}")
     output.stdout.print(f"examples: {Path(strips[0]).parent}/cluster-<i>.png")

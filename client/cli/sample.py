@@ -1,6 +1,8 @@
 """`isles sample MODEL`: images from an ensemble (a local folder or a store repo) as a PNG grid.
 
 `isles sample ./ensemble --class 3 --n 16 --routing top2 --steps 30 --seed 0 --out grid.png --show-routing`
+`isles sample ./ensemble --prompt "a small red 7 at the top left" --guidance 4.5` (text ensembles; --prompts FILE
+gives one labelled row per line)
 """
 
 from __future__ import annotations
@@ -49,6 +51,34 @@ def image_grid(images, cols: int | None = None, scale: int = 1, pad: int = 1):
     return image
 
 
+def labelled_rows(image, labels: list[str], row_height: int, width: int = 360):
+    """The grid `image` with a text label left of each row (one row per prompt)."""
+    from PIL import Image, ImageDraw
+
+    out = Image.new("RGB", (image.width + width, image.height), (255, 255, 255))
+    out.paste(image, (width, 0))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(labels):
+        text = label if len(label) <= 56 else label[:55] + "…"
+        draw.text((6, i * row_height + row_height // 2 - 6), text, fill=(0, 0, 0))
+    return out
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    from isles.protocol.errors import IslesError
+
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IslesError(
+            f"cannot read prompts from {path}: {exc}", hint="pass a text file, one prompt a line"
+        ) from None
+    if not prompts:
+        raise IslesError(f"{path} holds no prompt", hint="write one prompt per line")
+    return prompts
+
+
 def save_png(image, path: Path) -> None:
     """Write a PIL image as PNG atomically, whatever the file's suffix (a bare `--out grid` too)."""
     import io
@@ -76,11 +106,17 @@ def routing_strip(choices, num_experts: int, cell: int = 12):
 def sample(
     model: str = typer.Argument(..., help="Ensemble folder, or a repo name in --store (hf://ns/repo works too)."),
     class_label: int = typer.Option(None, "--class", help="Class to sample (class-conditional ensembles)."),
-    n: int = typer.Option(16, "--n", min=1, help="Number of images."),
+    prompt: str = typer.Option(None, "--prompt", help="What to draw (text ensembles)."),
+    prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line: a row per prompt."),
+    n: int = typer.Option(16, "--n", min=1, help="Number of images (per prompt with --prompts)."),
     routing: str = typer.Option("top1", "--routing", help="top1, top2, topk:K, full, or threshold:P."),
     steps: int = typer.Option(30, "--steps", min=1, help="Euler steps from noise to data."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same images."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale, per expert (1 = off)."),
+    guidance: float = typer.Option(
+        None,
+        "--guidance",
+        help="Guidance scale, per expert (1 = off; default 4.5 with prompts, else 1).",
+    ),
     out: Path = typer.Option(Path("grid.png"), "--out", help="Where to write the PNG grid."),
     show_routing: bool = typer.Option(False, "--show-routing", help="Also write OUT-routing.png and print usage."),
     store: str = typer.Option(None, "--store", help="Store holding MODEL as a repo (hf://<namespace> or a folder)."),
@@ -94,10 +130,19 @@ def sample(
     import torch
 
     from isles.experts.data import to_pixels
+    from isles.protocol.errors import IslesError
     from isles.router.ensemble import EnsemblePipeline
     from isles.router.sampling import parse_routing
 
     routing_mode = parse_routing(routing)  # a bad mode fails before any download
+    prompts = read_prompts(prompts_file) if prompts_file is not None else None
+    if prompt is not None and prompts is not None:
+        raise IslesError("pass --prompt or --prompts, not both")
+    if (prompt is not None or prompts is not None) and class_label is not None:
+        raise IslesError("pass a prompt or a class, not both", hint="text ensembles take prompts, class ones --class")
+    asked = [p for p in (prompts or []) for _ in range(n)] if prompts else prompt
+    if guidance is None:
+        guidance = 4.5 if asked is not None else 1.0
     _quiet_diffusers()
     source, the_store = _resolve(model, store)
     with output.stderr.status(f"loading {model}"):
@@ -110,6 +155,7 @@ def sample(
     result = pipe(
         n=n,
         class_labels=class_label,
+        prompt=asked,
         routing=routing_mode,
         steps=steps,
         seed=seed,
@@ -119,7 +165,23 @@ def sample(
     scale = scale or max(1, 64 // pipe.resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = {"grid": str(out), "n": n, "class": class_label, "routing": str(routing_mode), "seed": seed}
-    if pipe.config.get("data_kind") == "latents":
+    if asked is not None:
+        written.update(prompts=prompts or [prompt], guidance=guidance)
+    if result.latents is not None:  # decoded by the ensemble's VAE; the latents are kept beside the picture
+        from safetensors.torch import save
+
+        from isles.protocol.files import atomic_write_bytes
+
+        latents_path = out.with_suffix(".safetensors")
+        atomic_write_bytes(latents_path, save({"latents": result.latents.float().cpu().contiguous()}))
+        written["latents"] = str(latents_path)
+    if prompts is not None:  # one labelled row per prompt
+        scale = scale or max(1, 64 // result.images.shape[-1])
+        grid = image_grid(to_pixels(result.images), cols=n, scale=scale)
+        save_png(labelled_rows(grid, prompts, row_height=grid.height // len(prompts)), out)
+    elif result.latents is not None:
+        save_png(image_grid(to_pixels(result.images), scale=scale or max(1, 64 // result.images.shape[-1])), out)
+    elif pipe.config.get("data_kind") == "latents":
         # Latent ensembles: the samples are saved as safetensors for a VAE to decode; the PNG is only a preview.
         from safetensors.torch import save
 

@@ -28,7 +28,9 @@ def train_expert(
     seed: int = typer.Option(0, "--seed", help="Seed for init, data order and noise."),
     sha256: str | None = typer.Option(None, "--sha256", help="Refuse the shard file unless its sha256 matches."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Ignore class labels."),
-    label_dropout: float = typer.Option(0.1, "--label-dropout", help="Share of labels dropped (for CFG)."),
+    label_dropout: float = typer.Option(
+        0.1, "--cond-dropout", "--label-dropout", help="Share of labels or captions dropped (for CFG)."
+    ),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="Items per forward pass (default: auto)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps (default: the best present)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA), bf16 or fp32."),
@@ -41,6 +43,7 @@ def train_expert(
     """Train one expert on a shard (or a monolithic baseline on a whole data set) to completion."""
     import torch
 
+    from isles.experts.conditioning import TextCondition
     from isles.experts.data import load_data
     from isles.experts.expert import ExpertTask, sample_expert, save_grid
     from isles.experts.trainer import TrainRecipe, train
@@ -66,7 +69,7 @@ def train_expert(
         preset=preset,
         objective=objective,
         label_dropout=label_dropout,
-        conditional=not unconditional,
+        conditioning="none" if unconditional else "auto",
         shard_info={"data": data, "sha256": sha256, "items": len(shard)},
         recipe={**recipe.to_dict(), "preset": preset, "objective": objective},
     )
@@ -100,11 +103,17 @@ def train_expert(
         labels = None
         if task.num_classes:
             labels = torch.arange(task.num_classes).repeat_interleave(max(1, 100 // task.num_classes))[:100]
+        elif task.conditioning == "text":  # the held-out items' captions
+            val = shard.val_split() if shard.val_mask.any() else shard
+            rows = torch.arange(min(100, len(val)))
+            labels = TextCondition.from_rows(val.text[rows], val.text_mask[rows])
         n = 100 if labels is None else len(labels)
         clip = None if shard.is_latent else 1.0
         scale = 2.0 if labels is not None else 1.0
         generator = torch.Generator().manual_seed(seed)
-        images = sample_expert(model, objective, n, 50, labels, scale, generator, clip_x0=clip)
+        images = sample_expert(
+            model, objective, n, 50, labels, scale, generator, clip_x0=clip, null_cond=task.null_condition()
+        )
         if shard.is_latent:
             output.stderr.print("the data are latents: the grid shows latent channels, not decoded images")
             images = images[:, :3].clamp(-1, 1)
