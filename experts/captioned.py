@@ -20,7 +20,7 @@ import torch
 
 from isles.protocol.errors import IslesError
 
-from .data import IMAGE_SUFFIXES, _pil_to_tensor
+from .data import IMAGE_SUFFIXES, _pil_to_tensor, import_datasets
 
 log = logging.getLogger("isles.data")
 
@@ -337,12 +337,7 @@ def _tar_rows(shards: list[Path], image_column: str | None, caption_column: str 
 
 
 def _hf_source(spec: str, image_column: str | None, caption_column: str | None):
-    try:
-        import datasets
-    except ImportError:
-        raise IslesError(
-            "Hugging Face data sets need the `datasets` package", hint="pip install 'isles[real]'"
-        ) from None
+    datasets = import_datasets()
     name, _, split = spec.partition(":")
     local = Path(name).is_dir()  # a local folder in imagefolder layout (metadata.jsonl): no network needed
     try:

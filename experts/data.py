@@ -319,13 +319,19 @@ def _image_folder(root: Path, resolution: int) -> ShardData:
     )
 
 
-def _hf_dataset(spec: str, resolution: int) -> ShardData:
+def import_datasets():
+    """The `datasets` package, or an IslesError saying how to install it."""
     try:
         import datasets
     except ImportError:
         raise IslesError(
             "Hugging Face data sets need the `datasets` package", hint="pip install 'isles[real]'"
         ) from None
+    return datasets
+
+
+def _hf_dataset(spec: str, resolution: int) -> ShardData:
+    datasets = import_datasets()
     name, _, split = spec.partition(":")
     try:
         ds = datasets.load_dataset(name, split=split or "train")

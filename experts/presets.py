@@ -107,9 +107,7 @@ def model_config(
             f"{p.name} takes a class or nothing, not text", hint="pick a text preset: pixart-* or unet-cond-*"
         )
     if p.family == "unet":
-        widths = _unet_levels(p, resolution)
-        down = tuple("AttnDownBlock2D" if i >= p.attn_from_level else "DownBlock2D" for i in range(len(widths)))
-        up = tuple("AttnUpBlock2D" if i >= p.attn_from_level else "UpBlock2D" for i in reversed(range(len(widths))))
+        widths, down, up = _unet_blocks(p, resolution, "Attn")
         return {
             "_class_name": "UNet2DModel",
             "sample_size": resolution,
@@ -155,6 +153,17 @@ def _unet_levels(p: Preset, resolution: int) -> tuple[int, ...]:
     return tuple(p.base * m for m in p.mults[:max_levels])
 
 
+def _unet_blocks(p: Preset, resolution: int, attention: str) -> tuple[tuple[int, ...], tuple, tuple]:
+    """Level widths and the down / up block types, with `attention` ("Attn" or "CrossAttn") blocks from level
+    attn_from_level on."""
+    widths = _unet_levels(p, resolution)
+    down = tuple(f"{attention}DownBlock2D" if i >= p.attn_from_level else "DownBlock2D" for i in range(len(widths)))
+    up = tuple(
+        f"{attention}UpBlock2D" if i >= p.attn_from_level else "UpBlock2D" for i in reversed(range(len(widths)))
+    )
+    return widths, down, up
+
+
 def _text_model_config(p: Preset, channels: int, resolution: int, text_width: int) -> dict:
     if p.family == "pixart":
         if resolution % p.patch:
@@ -174,9 +183,7 @@ def _text_model_config(p: Preset, channels: int, resolution: int, text_width: in
             "num_embeds_ada_norm": 1000,
             "use_additional_conditions": False,  # no resolution / aspect-ratio embedding
         }
-    widths = _unet_levels(p, resolution)
-    down = tuple("CrossAttnDownBlock2D" if i >= p.attn_from_level else "DownBlock2D" for i in range(len(widths)))
-    up = tuple("CrossAttnUpBlock2D" if i >= p.attn_from_level else "UpBlock2D" for i in reversed(range(len(widths))))
+    widths, down, up = _unet_blocks(p, resolution, "CrossAttn")
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": resolution,

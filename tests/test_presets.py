@@ -8,24 +8,29 @@ import os
 import pytest
 import torch
 
+from isles.experts.conditioning import TextCondition
 from isles.experts.objectives import training_loss
 from isles.experts.presets import (
     PRESETS,
     build_model,
     count_parameters,
+    is_text_preset,
     load_model,
     model_forward,
     model_num_classes,
     null_class,
     preset_stats,
+    text_width_of,
 )
 from isles.protocol.errors import IslesError
 
-# The three largest DiTs take several GB to train even on 8x8 inputs: swept only with ISLES_FULL_SWEEP=1.
-BIG = {"dit-b-2", "dit-b-4", "dit-l-2", "dit-xl-2"}
+# The largest DiTs, PixArts and conditional UNets take GBs to train even on 8x8 inputs: swept with ISLES_FULL_SWEEP=1.
+BIG = {"dit-b-2", "dit-b-4", "dit-l-2", "dit-xl-2", "pixart-b-2", "pixart-xl-2", "unet-cond-base"}
 FULL = os.environ.get("ISLES_FULL_SWEEP") == "1"
-SWEPT = [name for name in PRESETS if FULL or name not in BIG]
+SWEPT = [name for name in PRESETS if (FULL or name not in BIG) and not is_text_preset(name)]
+SWEPT_TEXT = [name for name in PRESETS if (FULL or name not in BIG) and is_text_preset(name)]
 SHAPES = [(1, 8, 10), (3, 16, None)]  # (channels, resolution, num_classes): digits, and unconditional RGB
+TEXT_SHAPES = [(4, 8, 32, 6), (3, 16, 48, 11)]  # (channels, resolution, caption width, tokens): latents, RGB
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["gray8-cond", "rgb16-uncond"])
@@ -55,6 +60,61 @@ def test_every_preset_builds_trains_and_round_trips(name, shape, tmp_path):
         torch.testing.assert_close(model_forward(loaded, x, t, labels), model_forward(model, x, t, labels))
 
 
+@pytest.mark.parametrize("shape", TEXT_SHAPES, ids=["latent8", "rgb16"])
+@pytest.mark.parametrize("name", SWEPT_TEXT)
+def test_every_text_preset_builds_trains_round_trips_and_reads_its_caption(name, shape, tmp_path):
+    channels, resolution, width, tokens = shape
+    torch.manual_seed(0)
+    model = build_model(name, channels, resolution, text_width=width)
+    assert model_num_classes(model) is None and null_class(model) is None and text_width_of(model) == width
+    x = torch.randn(2, channels, resolution, resolution)
+    mask = torch.ones(2, tokens)
+    mask[1, tokens // 2 :] = 0  # the second caption is shorter: padding is masked out
+    text = TextCondition(torch.randn(2, tokens, width), mask)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    loss = training_loss("fm", lambda xi, ts: model_forward(model, xi, ts, text), x, torch.Generator().manual_seed(0))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path).eval()
+    assert type(loaded) is type(model)
+    model.eval()
+    t = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        out = model_forward(model, x, t, text)
+        torch.testing.assert_close(model_forward(loaded, x, t, text), out)
+        other = TextCondition(torch.randn(2, tokens, width), mask)
+        assert not torch.allclose(model_forward(model, x, t, other), out)  # the caption reaches the output
+        padded = TextCondition(text.emb.clone(), mask)
+        padded.emb[1, tokens // 2 :] = 100.0  # what lies under the mask is ignored
+        torch.testing.assert_close(model_forward(model, x, t, padded)[1], out[1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(IslesError, match="needs a caption"):
+        model_forward(model, x, t, torch.tensor([1, 2]))
+
+
+def test_text_and_class_presets_refuse_the_other_conditioning():
+    with pytest.raises(IslesError, match="text-conditioned preset"):
+        build_model("pixart-tiny", 4, 8, num_classes=10)
+    with pytest.raises(IslesError, match="not text"):
+        build_model("unet-tiny", 4, 8, text_width=32)
+    with pytest.raises(IslesError, match="not text-conditioned"):
+        model_forward(
+            build_model("unet-tiny", 1, 8, 10),
+            torch.randn(1, 1, 8, 8),
+            torch.ones(1),
+            TextCondition(torch.randn(1, 4, 8), torch.ones(1, 4)),
+        )
+
+
+def test_pixart_xl_is_paris_sized_and_text_flops_grow_with_the_caption():
+    stats = preset_stats("pixart-xl-2", 4, 32, None, 768, 77)
+    assert 550e6 < stats["parameters"] < 650e6  # DiT-XL/2 with adaLN-single + cross-attention (Paris 1.0: 605M)
+    short = preset_stats("pixart-xl-2", 4, 32, None, 768, 16)
+    assert short["train_flops_per_sample"] < stats["train_flops_per_sample"]
+
+
 def test_flops_are_counted_not_guessed_and_match_the_dit_paper():
     stats = preset_stats("dit-xl-2", 4, 32, 1000)
     # DiT paper (Peebles & Xie), table 4: DiT-XL/2 forward = 118.6 GFLOPs at 256px (fvcore counts one
@@ -69,7 +129,10 @@ def test_flops_are_counted_not_guessed_and_match_the_dit_paper():
 
 def test_every_preset_reports_stats_for_the_papers_latent_shape():
     for name in PRESETS:
-        stats = preset_stats(name, 4, 32, 1000)
+        if is_text_preset(name):
+            stats = preset_stats(name, 4, 32, None, 768, 77)  # CLIP ViT-L/14 token embeddings, as Paris 1.0
+        else:
+            stats = preset_stats(name, 4, 32, 1000)
         assert stats["parameters"] > 0 and stats["train_flops_per_sample"] > 0
 
 
