@@ -250,66 +250,78 @@ def _skipped_hint(source) -> str:
     return "check the source path and its contents"
 
 
+class _Spool:
+    """Pass 1's writer: each batch's rows (items or their latents, labels, caption embeddings and captions) go to a
+    spool shard on disk; only the clustering features stay in memory."""
+
+    def __init__(self, path: Path, encoder, text_encoder, vae, on_progress, size_hint: int | None):
+        from isles.experts.shard_file import ShardWriter
+
+        self.writer = ShardWriter(path)
+        self.encoder, self.text_encoder, self.vae = encoder, text_encoder, vae
+        self.on_progress, self.size_hint = on_progress, size_hint
+        self.features: list[np.ndarray] = []
+        self.labelled = True  # every item so far has a label
+        self.done = 0
+
+    def add(self, batch) -> None:
+        from isles.experts.data import encode_captions
+
+        self.features.append(self.encoder.encode(batch.pixels))
+        items = batch.pixels if self.vae is None else self.vae.encode(batch.pixels).cpu()
+        text = mask = captions = None
+        if self.text_encoder is not None:
+            if batch.captions is None:
+                raise IslesError("the source gave items without captions", hint="text runs need captioned data")
+            text, mask = self.text_encoder(batch.captions)
+            text, mask, captions = text.to(torch.float16), mask.to(torch.uint8), encode_captions(batch.captions)
+        self.labelled = self.labelled and batch.labels is not None
+        labels = batch.labels if self.labelled else None
+        self.writer.append(
+            items=items, labels=labels, text=text, text_mask=mask, captions=captions, attributes=batch.attributes
+        )
+        self.done += len(batch.pixels)
+        if self.on_progress:
+            self.on_progress("embedding", self.done, self.size_hint or self.done)
+
+    def close(self) -> tuple[np.ndarray, bool]:
+        """Write the spool file; the clustering features [N, d] and whether every item has a label."""
+        from isles.experts.data import set_null_text
+
+        if self.writer.rows == 0:
+            self.writer.abort()
+            return np.zeros((0, 1), dtype=np.float32), False
+        if self.text_encoder is not None:
+            set_null_text(self.writer, self.text_encoder.null())
+        self.writer.close({})
+        return np.concatenate(self.features, axis=0), self.labelled
+
+
 def _spool(source, path: Path, encoder, text_encoder, vae, on_progress) -> tuple[np.ndarray, bool]:
-    """Read every batch once: write its rows (items or latents, labels, caption embeddings) to a spool shard at
-    `path` and return the clustering features [N, d] and whether every item has a label."""
-    from isles.experts.data import encode_captions, set_null_text
-    from isles.experts.shard_file import ShardWriter
-
-    writer = ShardWriter(path)
-    features: list[np.ndarray] = []
-    pending: list = []  # batches held until the encoder is fitted (PCA: on the first fit_items items)
+    """Read every batch of the source once into a spool shard at `path` (see _Spool). An encoder that is fitted
+    (PCA) sees the first `fit_items` items first: those batches are held until it is."""
+    spool = _Spool(path, encoder, text_encoder, vae, on_progress, source.size_hint)
     fit_items = getattr(encoder, "fit_items", 0)
-    done, fitted, labelled = 0, fit_items == 0, True
+    held: list | None = [] if fit_items else None
     try:
-
-        def flush(batch) -> None:
-            nonlocal done, labelled
-            features.append(encoder.encode(batch.pixels))
-            items = batch.pixels if vae is None else vae.encode(batch.pixels).cpu()
-            text = mask = None
-            if text_encoder is not None:
-                if batch.captions is None:
-                    raise IslesError("the source gave items without captions", hint="text runs need captioned data")
-                text, mask = text_encoder(batch.captions)
-            labelled = labelled and batch.labels is not None
-            writer.append(
-                items=items,
-                labels=batch.labels if labelled else None,
-                text=None if text is None else text.to(torch.float16),
-                text_mask=None if mask is None else mask.to(torch.uint8),
-                captions=None if text is None else encode_captions(batch.captions),
-                attributes=batch.attributes,
-            )
-            done += len(batch.pixels)
-            if on_progress:
-                on_progress("embedding", done, source.size_hint or done)
-
         for batch in source:
-            if fitted:
-                flush(batch)
+            if held is None:
+                spool.add(batch)
                 continue
-            pending.append(batch)
-            if sum(len(b.pixels) for b in pending) >= fit_items:
-                encoder.fit(torch.cat([b.pixels for b in pending]))
-                fitted = True
-                for held in pending:
-                    flush(held)
-                pending = []
-        if pending:
-            encoder.fit(torch.cat([b.pixels for b in pending]))
-            for held in pending:
-                flush(held)
-        if text_encoder is not None:
-            set_null_text(writer, text_encoder.null())
+            held.append(batch)
+            if sum(len(b.pixels) for b in held) >= fit_items:
+                encoder.fit(torch.cat([b.pixels for b in held]))
+                for b in held:
+                    spool.add(b)
+                held = None
+        if held:
+            encoder.fit(torch.cat([b.pixels for b in held]))
+            for b in held:
+                spool.add(b)
+        return spool.close()
     except BaseException:
-        writer.abort()
+        spool.writer.abort()
         raise
-    if writer.rows == 0:
-        writer.abort()
-        return np.zeros((0, 1), dtype=np.float32), False
-    writer.close({})
-    return np.concatenate(features, axis=0), labelled
 
 
 def _write_shards(spool_path: Path, clusters: torch.Tensor, val_mask: torch.Tensor, shard_dir: Path, meta, progress):
