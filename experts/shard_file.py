@@ -91,16 +91,30 @@ class LazyColumn:
             try:
                 start = 0
                 for stop in [*breaks.tolist(), len(sorted_rows)]:
-                    first, count = int(sorted_rows[start]), stop - start
-                    data = os.pread(fd, count * self._row_bytes, self.offset + first * self._row_bytes)
-                    if len(data) != count * self._row_bytes:
-                        raise IslesError(f"shard file {self.path} is truncated", hint="delete it and pull it again")
-                    out[order[start:stop]] = np.frombuffer(data, dtype=np.uint8).reshape(count, self._row_bytes)
+                    first, where = int(sorted_rows[start]), order[start:stop]
+                    if where[-1] - where[0] == len(where) - 1 and (np.diff(where) == 1).all():
+                        self._read_into(fd, out[where[0] : where[-1] + 1], first)  # in place: rows asked in order
+                    else:
+                        run = np.empty((len(where), self._row_bytes), dtype=np.uint8)
+                        self._read_into(fd, run, first)
+                        out[where] = run
                     start = stop
             finally:
                 os.close(fd)
-        tensor = torch.from_numpy(out).view(self.dtype) if self._row_bytes else torch.empty(0, dtype=self.dtype)
-        return tensor.reshape(len(rows), *self._full_shape[1:])
+        if not len(rows) or not self._row_bytes:
+            return torch.empty((len(rows), *self._full_shape[1:]), dtype=self.dtype)
+        return torch.from_numpy(out).view(self.dtype).reshape(len(rows), *self._full_shape[1:])
+
+    def _read_into(self, fd: int, buffer: np.ndarray, first_row: int) -> None:
+        """Fill `buffer` (contiguous rows) from the file, starting at row `first_row`. A read may return less than
+        asked (Linux: at most ~2 GiB a call), so it loops; the file ending early is a truncated shard."""
+        view, done = memoryview(buffer).cast("B"), 0
+        position = self.offset + first_row * self._row_bytes
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], position + done)
+            if got == 0:
+                raise IslesError(f"shard file {self.path} is truncated", hint="delete it and pull it again")
+            done += got
 
     def materialize(self) -> torch.Tensor:
         return self.read(torch.arange(len(self)))
