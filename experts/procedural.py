@@ -324,7 +324,29 @@ def preview(path: str, n: int = 64, seed: int = DEFAULT_SEED) -> None:
     Image.fromarray(sheet.permute(1, 2, 0).numpy()).resize((cols * 68, rows * 68), Image.NEAREST).save(path)
 
 
-if __name__ == "__main__":
+def preview_captioned(path: str, n: int = 24, seed: int = DEFAULT_SEED, resolution: int = 32) -> None:
+    """Write the first `n` items with their captions as a PNG (to check that captions say what the pictures show)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pixels, _, _, captions = generate_captioned(n, seed, resolution=resolution)
+    cols = 6
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(cols * 2.4, math.ceil(n / cols) * 2.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(pixels[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            words = captions[i].split(" ")
+            half = (len(words) + 1) // 2
+            ax.set_title(" ".join(words[:half]) + "\n" + " ".join(words[half:]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # python -m isles.experts.procedural [GRID.png [CAPTIONED.png]]
     import sys
     import time
 
@@ -332,3 +354,4 @@ if __name__ == "__main__":
     x, y = generate(10_000)
     print(f"10,000 items in {time.perf_counter() - start:.1f}s; class counts {torch.bincount(y).tolist()}")
     preview(sys.argv[1] if len(sys.argv) > 1 else "procedural.png")
+    preview_captioned(sys.argv[2] if len(sys.argv) > 2 else "procedural_captions.png")

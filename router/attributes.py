@@ -20,12 +20,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from isles.experts import procedural
+from isles.protocol.errors import IslesError
 from isles.protocol.files import canonical_json
 
 from . import features
 
-log = logging.getLogger(__name__)
-VERSION = 1  # bump when the architecture or training procedure changes: old cache entries are then ignored
+VERSION = 2  # bump when the architecture or training procedure changes: old cache entries are then ignored
 HEAD_SIZES = {name: len(values) for name, values in procedural.attribute_names().items()}
 
 
@@ -35,7 +35,7 @@ class ReaderSpec:
 
     resolution: int = 32
     train_items: int = 24_000  # from the procedural "features" stream, digits kept up to half (see training_items)
-    epochs: int = 4  # ~40 s on one CPU core; held-out accuracy: class 0.97, colour 0.94, position 0.95, size 0.96
+    epochs: int = 4  # ~40 s on one CPU core; held-out: class 0.97, colour 0.96, position 0.94, size 0.95
     batch_size: int = 64
     lr: float = 6e-3
     seed: int = 0
@@ -48,13 +48,15 @@ class ReaderSpec:
 
 
 class AttributeReader(nn.Module):
-    """Inputs -> (conv-BN-ReLU, max-pool) x3 -> conv-BN-ReLU -> global average -> linear-ReLU -> a head per attribute.
+    """Inputs -> (conv-BN-ReLU, max-pool) x3 -> conv-BN-ReLU -> global average, + hue -> linear-ReLU -> a head per
+    attribute.
 
     The inputs are the image average-pooled to about 16x16 (the digits are upsampled 8x8 glyphs: 16x16 keeps them
     legible, at a quarter of the cost), a foreground channel and two coordinate channels. The foreground channel is
-    max(R, G, B) stretched to [-1, 1] per image: the foreground is drawn bright and the background dark, so it shows
+    max(R, G, B) stretched to [0, 1] per image: the foreground is drawn bright and the background dark, so it shows
     shape, position and size whatever the colours. The coordinates (x, y in [-1, 1]) let the global average tell
-    where the foreground is.
+    where the foreground is. The hue of the brightest pixels joins the pooled features: convolutions learn hue
+    boundaries only roughly (0.94 colour accuracy without it, 0.96 with it).
     """
 
     def __init__(self, width: int = 24, hidden: int = 128):
@@ -64,7 +66,7 @@ class AttributeReader(nn.Module):
             nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU())
             for a, b in zip(widths[:-1], widths[1:], strict=True)
         )
-        self.hidden = nn.Sequential(nn.Linear(width * 4, hidden), nn.ReLU())
+        self.hidden = nn.Sequential(nn.Linear(width * 4 + 3, hidden), nn.ReLU())
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, size) for name, size in HEAD_SIZES.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,16 +76,20 @@ class AttributeReader(nn.Module):
         b, _, h, w = x.shape
         value = x.amax(dim=1, keepdim=True)
         low, high = value.amin(dim=(-2, -1), keepdim=True), value.amax(dim=(-2, -1), keepdim=True)
-        foreground = (value - low) / (high - low + 0.1) * 2 - 1
+        foreground = (value - low) / (high - low + 0.1)
+        weight = foreground**8
+        colour = (x * weight).sum(dim=(-2, -1)) / weight.sum(dim=(-2, -1)).clamp_min(1e-6)  # [B, 3]
+        hue = _hue(colour) * (2 * math.pi)
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
         ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy")).expand(b, -1, -1, -1)  # [B, 2 (x, y), H, W]
-        z = torch.cat([x, foreground, grid], dim=1)
+        z = torch.cat([x, foreground * 2 - 1, grid], dim=1)
         for i, block in enumerate(self.blocks):
             z = block(z)
             if i < len(self.blocks) - 1 and min(z.shape[-2:]) >= 2:
                 z = F.max_pool2d(z, 2)
-        z = self.hidden(z.mean(dim=(-2, -1)))
+        hue_features = torch.stack([hue / math.pi - 1, hue.cos(), hue.sin()], dim=1)
+        z = self.hidden(torch.cat([z.mean(dim=(-2, -1)), hue_features], dim=1))
         return {name: head(z) for name, head in self.heads.items()}
 
     @torch.no_grad()
@@ -172,7 +178,8 @@ def attribute_agreement(
         images = images.float() / 127.5 - 1.0
     attributes = attributes.to(torch.int64).cpu()
     if len(images) != len(attributes) or attributes.shape[1:] != (len(procedural.ATTRIBUTES),):
-        raise ValueError(f"{len(images)} images but attribute rows of shape {tuple(attributes.shape)}")
+        shape = tuple(attributes.shape)
+        raise IslesError(f"{len(images)} images but attribute rows of shape {shape}", hint="one [4] row per image")
     reader = reader or load_or_train(ReaderSpec(resolution=images.shape[-1]), cache_dir, device)
     read = reader.read(images)
     asked = attributes >= 0
@@ -197,6 +204,17 @@ def reader_accuracy(reader: AttributeReader, n: int = 4000, resolution: int = 32
     return attribute_agreement(pixels, attributes, reader=reader)
 
 
+def _hue(rgb: torch.Tensor) -> torch.Tensor:
+    """The HSV hue in [0, 1) of colours [B, 3] (unchanged by adding one number to all channels or scaling them)."""
+    r, g, b = rgb.unbind(dim=1)
+    high, low = rgb.amax(dim=1), rgb.amin(dim=1)
+    span = (high - low).clamp_min(1e-6)
+    sector = torch.where(
+        high == r, ((g - b) / span) % 6, torch.where(high == g, (b - r) / span + 2, (r - g) / span + 4)
+    )
+    return sector / 6
+
+
 def _majority(values: torch.Tensor) -> torch.Tensor:
     values = values[values >= 0]
     return torch.bincount(values).argmax() if len(values) else torch.tensor(-1)
@@ -210,6 +228,7 @@ if __name__ == "__main__":  # train (or load) the reader and report its accuracy
     import sys
 
     logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)  # small convolutions: more threads mostly wait on each other
     resolution = int(sys.argv[1]) if len(sys.argv) > 1 else 32
     start = time.perf_counter()
     net = load_or_train(ReaderSpec(resolution=resolution))

@@ -222,7 +222,10 @@ class EnsemblePipeline(DiffusionPipeline):
         null_text = None
         if self.conditioning == "text":
             if class_labels is not None:
-                raise IslesError("this ensemble is text-conditioned: it takes a prompt, not a class", hint="--prompt")
+                raise IslesError(
+                    "this ensemble is text-conditioned: it takes a prompt, not a class",
+                    hint='pass --prompt "..." (or --prompts FILE)',
+                )
             cond, null_text = self._prompts(n, prompt)
             n = len(cond)
         else:

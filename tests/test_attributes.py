@@ -95,7 +95,7 @@ def test_agreement_high_on_real_items_and_near_chance_on_shuffled_prompts(small_
         assert 0 < real["chance"][name] < 0.6 and real["n"][name] > 0
         assert real[name] > max(0.8, real["chance"][name] + 0.3) or name == "class", (name, real)
         assert shuffled[name] < shuffled["chance"][name] + 0.05, (name, shuffled)
-    assert real["class"] > 0.5 and real["all"] > 0.3 and shuffled["all"] < 0.05
+    assert real["class"] > 0.4 and real["all"] > 0.3 and shuffled["all"] < 0.05
     assert real["n"]["all"] == 1500
 
 
@@ -118,6 +118,14 @@ def test_reader_is_cached_and_training_is_deterministic(small_reader, tmp_path):
     tiny = attr.ReaderSpec(train_items=256, epochs=1, width=8)
     a, b = (attr.load_or_train(tiny, cache_dir=tmp_path / name).state_dict() for name in ("a", "b"))
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+    # A stale entry (wrong shapes) is retrained from the seeded initialisation, not from what it half-loaded.
+    from safetensors.torch import save_file
+
+    stale = {k: v.float() + 1 for k, v in a.items()}
+    stale["hidden.0.weight"] = torch.zeros(3, 3)
+    save_file(stale, tmp_path / "a" / f"{tiny.key()}.safetensors")
+    c = attr.load_or_train(tiny, cache_dir=tmp_path / "a").state_dict()
+    assert all(torch.equal(v, c[k]) for k, v in a.items())
 
 
 def test_reader_at_resolution_16(tmp_path):

@@ -161,6 +161,35 @@ def test_text_experts_train_on_latents_and_the_ensemble_samples_prompts(latent_r
     with pytest.raises(IslesError, match="needs a prompt"):
         loaded(n=2, steps=2)
 
+    # The CLI: one labelled row per prompt of a file, decoded by the VAE, the latents kept beside the PNG.
+    (tmp_path / "prompts.txt").write_text("a large red 3 in the center\n\nblue stripes\n")
+    out_png = tmp_path / "grid.png"
+    proc = subprocess.run(
+        ISLES
+        + ["sample", str(tmp_path / "ensemble"), "--prompts", str(tmp_path / "prompts.txt"), "--n", "2"]
+        + ["--steps", "2", "--out", str(out_png), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = json.loads(proc.stdout)
+    assert written["prompts"] == ["a large red 3 in the center", "blue stripes"] and written["guidance"] == 4.5
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    assert load_file(written["latents"])["latents"].shape == (4, 4, 8, 8)
+    with Image.open(out_png) as image:
+        assert image.width > image.height  # the prompts' labels stand left of the 2 x 2 grid
+    proc = subprocess.run(
+        ISLES + ["sample", str(tmp_path / "ensemble"), "--class", "3", "--steps", "2", "--out", str(out_png)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 1 and "Error: this ensemble is text-conditioned" in proc.stderr
+    assert "Hint: pass --prompt" in proc.stderr and "Traceback" not in proc.stderr
+
 
 def test_partition_cli_reports_bad_captioned_input(tmp_path):
     folder, _ = _captioned_folder(tmp_path / "images", n=12)
