@@ -267,7 +267,9 @@ def test_an_expert_config_must_name_every_recipe_field_and_the_class(tmp_path):
     from isles.protocol.artifacts import open_store
     from isles.protocol.dht import DHTConfig
 
-    recipe = SimpleNamespace(preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm", text_width=None)
+    recipe = SimpleNamespace(
+        preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm", text_width=None
+    )
     store = open_store(tmp_path / "store")
     manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri, experts=[recipe])
     config = AggregateConfig(swarm=DHTConfig(), work_dir=tmp_path / "agg")
