@@ -18,11 +18,13 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    experts: int = typer.Option(None, "--experts", min=2, help="Number of expert shards (default 4)."),
+    experts: int = typer.Option(None, "--experts", min=2, help="Number of expert shards (default 4; 2 with --text)."),
     volunteers: int = typer.Option(None, "--volunteers", min=1, help="Number of volunteer processes (default 2)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny recipe: under 2 minutes on 2 CPU cores."),
     text: bool = typer.Option(
-        False, "--text", help="Text-to-image: captioned procedural images, PixArt experts, a grid per prompt."
+        False,
+        "--text",
+        help="Text-to-image: captioned procedural items, PixArt experts, a grid per prompt (~35 min).",
     ),
     work_dir: Path = typer.Option(
         None, "--work-dir", help="Folder for the store, logs and models (default: a new temp folder)."
