@@ -134,30 +134,15 @@ def training_items(spec: ReaderSpec) -> tuple[torch.Tensor, torch.Tensor]:
 def train(net: AttributeReader, pixels: torch.Tensor, attributes: torch.Tensor, spec: ReaderSpec) -> None:
     """Adam on the sum of the heads' cross-entropies (-1 targets: not applicable, ignored); fixed seed for data order.
     The same spec gives the same weights on CPU."""
-    generator = torch.Generator().manual_seed(spec.seed)
     x_all = pixels.float() / 127.5 - 1.0
-    opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
-    steps = spec.epochs * max(1, len(x_all) // spec.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps, pct_start=0.15)
-    net.train()
-    step = 0
-    for _ in range(spec.epochs):
-        order = torch.randperm(len(x_all), generator=generator)
-        for i in range(0, len(order) - spec.batch_size + 1, spec.batch_size):
-            if step >= steps:
-                break
-            idx = order[i : i + spec.batch_size]
-            logits = net(x_all[idx])
-            target = attributes[idx]
-            loss = sum(
-                F.cross_entropy(logits[a], target[:, k], ignore_index=-1) for k, a in enumerate(procedural.ATTRIBUTES)
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-    net.eval()
+
+    def batch_loss(idx: torch.Tensor, _generator: torch.Generator) -> torch.Tensor:
+        logits, target = net(x_all[idx]), attributes[idx]
+        return sum(
+            F.cross_entropy(logits[a], target[:, k], ignore_index=-1) for k, a in enumerate(procedural.ATTRIBUTES)
+        )
+
+    features.fit_one_cycle(net, len(x_all), spec, batch_loss)
 
 
 def attribute_agreement(

@@ -172,23 +172,33 @@ def load_or_fit(net: M, path: Path, fit: Callable[[], None]) -> M:
 
 def train(net: FeatureNet, pixels: torch.Tensor, labels: torch.Tensor, spec: FeatureSpec) -> None:
     """Adam on cross-entropy, fixed seed for init and data order: the same spec gives the same weights on CPU."""
-    generator = torch.Generator().manual_seed(spec.seed)
     x_all = pixels.float() / 127.5 - 1.0
+
+    def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = x_all[idx]
+        if spec.source != "procedural":  # little data: random shifts of up to 1/8 of the side against overfitting
+            x = _random_shift(x, generator)
+        return F.cross_entropy(net(x), labels[idx])
+
+    fit_one_cycle(net, len(x_all), spec, batch_loss)
+
+
+def fit_one_cycle(net: nn.Module, n: int, spec, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor]):
+    """Adam with a one-cycle learning rate over spec.epochs seeded permutations of n items, in batches of
+    spec.batch_size: `batch_loss(indices, generator)` gives each batch's loss (the generator is the data order's,
+    for augmentations). Deterministic for a spec (seed, lr, epochs, batch_size) on the CPU."""
+    generator = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
-    steps = spec.epochs * max(1, len(x_all) // spec.batch_size)
+    steps = spec.epochs * max(1, n // spec.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps, pct_start=0.15)
     net.train()
     step = 0
     for _ in range(spec.epochs):
-        order = torch.randperm(len(x_all), generator=generator)
+        order = torch.randperm(n, generator=generator)
         for i in range(0, len(order) - spec.batch_size + 1, spec.batch_size):
             if step >= steps:
                 break
-            idx = order[i : i + spec.batch_size]
-            x = x_all[idx]
-            if spec.source != "procedural":  # little data: random shifts of up to 1/8 of the side against overfitting
-                x = _random_shift(x, generator)
-            loss = F.cross_entropy(net(x), labels[idx])
+            loss = batch_loss(order[i : i + spec.batch_size], generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

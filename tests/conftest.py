@@ -89,3 +89,25 @@ def aggregate_once(peer: str, run_id: str, folder: Path, *extra: str, env: dict 
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
+
+
+def save_tiny_vae(folder: Path, **overrides) -> Path:
+    """A small random diffusers AutoencoderKL (16x16 RGB <-> 4x8x8 latents) saved to `folder`: the latent path's
+    tests need a real VAE, and nothing can be downloaded."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (16, 32),
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+        "sample_size": 16,
+        "scaling_factor": 0.5,
+    }
+    AutoencoderKL(**{**config, **overrides}).save_pretrained(folder)
+    return folder

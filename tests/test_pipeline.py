@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from conftest import save_tiny_vae
 
 from isles.protocol.errors import IslesError
 
@@ -197,25 +198,11 @@ def test_a_missing_model_index_or_corrupt_weights_are_still_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def text_pipeline(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
     from isles.experts.presets import build_model
     from isles.router.ensemble import EnsemblePipeline, Expert
     from isles.router.model import RouterConfig, RouterModel
 
-    vae_folder = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=16,
-        scaling_factor=0.5,
-    ).save_pretrained(vae_folder)
+    vae_folder = save_tiny_vae(tmp_path_factory.mktemp("vae"))
     experts = {i: Expert(i, build_model("pixart-tiny", 4, 8, text_width=384), "fm") for i in range(2)}
     router = RouterModel(RouterConfig(num_experts=2, in_channels=4, resolution=8, width=8))
     config = {

@@ -11,29 +11,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ISLES
+from conftest import ISLES, save_tiny_vae
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _tiny_vae(folder):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=16,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    )
-    vae.save_pretrained(folder)
-    return folder
 
 
 def _captioned_folder(root, n: int = 48, broken: int = 0):
@@ -61,7 +41,7 @@ def latent_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("latent-run")
     folder, captions = _captioned_folder(tmp / "images", broken=1)
-    vae = _tiny_vae(tmp / "vae")
+    vae = save_tiny_vae(tmp / "vae", shift_factor=0.1)
     result = partition(
         PartitionConfig(
             source=str(folder),
