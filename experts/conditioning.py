@@ -42,11 +42,6 @@ class TextCondition:
         return cls(emb.float(), mask.float())
 
 
-def condition_rows(cond, rows):
-    """cond restricted to `rows` (None stays None)."""
-    return None if cond is None else cond[rows]
-
-
 def cat_conditions(a, b):
     """Two conditions of one kind stacked along the batch."""
     return a.cat(b) if isinstance(a, TextCondition) else torch.cat([a, b])

@@ -116,9 +116,6 @@ class LazyColumn:
                 raise IslesError(f"shard file {self.path} is truncated", hint="delete it and pull it again")
             done += got
 
-    def materialize(self) -> torch.Tensor:
-        return self.read(torch.arange(len(self)))
-
 
 def take_rows(column, key):
     """`column[key]` as a lazy view for a LazyColumn, as a tensor for a tensor (None stays None)."""
