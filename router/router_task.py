@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from isles.experts.data import to_model_space
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json
 
@@ -24,12 +25,6 @@ VAL_SEED = 4321
 VAL_MAX_ITEMS = 2048
 # Noise levels at which accuracy is reported: low t is nearly clean (easy), t near 1 is nearly pure noise.
 VAL_TIMES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-def to_model_space(items: torch.Tensor) -> torch.Tensor:
-    if items.dtype == torch.uint8:
-        return items.float().div(127.5).sub(1.0)
-    return items.float()
 
 
 @dataclass
