@@ -9,7 +9,9 @@ from torch.nn import functional as F
 
 from isles.protocol.errors import IslesError
 
-CLIP_ALIASES = {"clip": "openai/clip-vit-base-patch32", "clip-l": "openai/clip-vit-large-patch14"}
+from .pretrained import load_error, resolve_source
+
+CLIP_ALIASES = {"clip": "hf:openai/clip-vit-base-patch32", "clip-l": "hf:openai/clip-vit-large-patch14"}
 
 
 @torch.no_grad()
@@ -19,15 +21,14 @@ def clip_score(images: torch.Tensor, prompts: list[str], model: str, device: str
 
     if len(images) != len(prompts):
         raise IslesError(f"{len(images)} images but {len(prompts)} prompts")
-    name = CLIP_ALIASES.get(model, model.removeprefix("hf:"))
+    hint = "pass clip, clip-l, hf:<CLIP id> or a local folder"
+    source = resolve_source(CLIP_ALIASES.get(model, model), None, "CLIP model", hint)
     try:
-        clip = CLIPModel.from_pretrained(name, use_safetensors=True).eval().to(device or "cpu")
-        processor = CLIPProcessor.from_pretrained(name)
+        kwargs = source.load_kwargs()
+        clip = CLIPModel.from_pretrained(source.path, use_safetensors=True, **kwargs).eval().to(device or "cpu")
+        processor = CLIPProcessor.from_pretrained(source.path, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...: one line for the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise IslesError(
-            f"cannot load the CLIP model {model!r}: {first}", hint="pass hf:<CLIP id> or a folder"
-        ) from None
+        raise load_error("CLIP model", model, source, exc, hint) from None
     pixels = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)

@@ -280,17 +280,9 @@ class EnsemblePipeline(DiffusionPipeline):
     def text_encoder(self):
         """The text encoder the ensemble names (router/text_encoder.py), loaded once."""
         if self._text_encoder is None:
-            from .text_encoder import TextEncoderSpec, load_text_encoder
+            from .text_encoder import load_recorded_text_encoder
 
-            spec = TextEncoderSpec.from_dict(self.config["text_encoder"])
-            encoder = load_text_encoder(
-                spec.id, max_length=spec.max_length, revision=spec.revision, device=self.device
-            )
-            if encoder.spec.width != spec.width:
-                raise IslesError(
-                    f"text encoder {spec.id} gives {encoder.spec.width}-d embeddings, the experts take {spec.width}-d"
-                )
-            self._text_encoder = encoder
+            self._text_encoder = load_recorded_text_encoder(self.config["text_encoder"], device=self.device)
             self._rehook()
         self._text_encoder.device = self._execution_device
         return self._text_encoder
@@ -298,10 +290,9 @@ class EnsemblePipeline(DiffusionPipeline):
     def vae(self):
         """The VAE whose latents the experts model (router/vae.py), loaded once."""
         if self._vae is None:
-            from .vae import VaeSpec, load_vae
+            from .vae import load_recorded_vae
 
-            spec = VaeSpec.from_dict(self.config["vae"])
-            self._vae = load_vae(spec.id, revision=spec.revision, device=self.device)
+            self._vae = load_recorded_vae(self.config["vae"], device=self.device)
             self._rehook()
         self._vae.device = self._execution_device
         return self._vae
@@ -312,15 +303,10 @@ class EnsemblePipeline(DiffusionPipeline):
             self.enable_model_cpu_offload(device=self._offload_device)
 
     def _prompts(self, n: int, prompt):
-        from isles.experts.conditioning import TextCondition
-
         if prompt is None or (isinstance(prompt, list) and not prompt):
             raise IslesError("this ensemble is text-conditioned: it needs a prompt", hint='--prompt "a red 7"')
         prompts = [prompt] * n if isinstance(prompt, str) else [str(p) for p in prompt]
-        encoder = self.text_encoder()
-        emb, mask = encoder(prompts)
-        null_emb, null_mask = encoder.null()
-        return TextCondition.from_rows(emb, mask), TextCondition.from_rows(null_emb, null_mask)
+        return self.text_encoder().prompts(prompts)
 
     def _labels(self, n: int, class_labels) -> torch.Tensor | None:
         if class_labels is None:

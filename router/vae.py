@@ -16,7 +16,7 @@ from isles.experts.data import to_model_space
 from isles.experts.device import pick_device
 from isles.protocol.errors import IslesError
 
-from .text_encoder import ModelSource, load_error, resolve_source
+from .pretrained import ModelSource, load_error, resolve_source
 
 VAE_HINT = "pass a diffusers AutoencoderKL: hf:<id> (e.g. hf:stabilityai/sd-vae-ft-mse) or a local folder"
 BATCH_SIZE = 64
@@ -151,3 +151,9 @@ def _load_autoencoder(source: ModelSource, subfolder: str | None):
         return AutoencoderKL.from_pretrained(
             source.path, use_safetensors=True, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs
         )
+
+
+def load_recorded_vae(record: dict, device: str | torch.device | None = None) -> LatentCodec:
+    """The VAE a manifest, ensemble.json or expert.json records."""
+    spec = VaeSpec.from_dict(record)
+    return load_vae(spec.id, revision=spec.revision, device=device)

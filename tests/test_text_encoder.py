@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from isles.protocol.errors import IslesError
+from isles.router.pretrained import resolve_source
 from isles.router.text_encoder import (
     DEFAULT_TEXT_ENCODER,
     OFFLINE_TEXT_ENCODER,
     TextEncoderSpec,
     load_text_encoder,
-    resolve_source,
 )
 
 CAPTIONS = ["a red bird on a branch", "a blue car in the rain", "a red bird on a branch, at dusk"]
