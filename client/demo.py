@@ -357,17 +357,14 @@ def demo_prompts() -> list[str]:
 
 
 def prompt_grid(ensemble: str, path: Path, recipe: DemoRecipe, per_prompt: int = 8) -> Path:
-    """Sample the published text ensemble: one row per prompt of DEMO_PROMPTS, labelled; returns the PNG's path."""
-    from isles.experts.data import to_pixels
+    """Sample the published text ensemble: one labelled row per prompt of demo_prompts(); returns the PNG's path."""
     from isles.router.ensemble import EnsemblePipeline
 
-    from .cli.sample import image_grid, labelled_rows, save_png
+    from .cli.sample import save_prompt_grid
 
     pipe = EnsemblePipeline.from_pretrained(ensemble, device="cpu")
     rows = demo_prompts()
     prompts = [p for p in rows for _ in range(per_prompt)]
     images = pipe(prompt=prompts, routing="top1", steps=recipe.sample_steps, seed=0, guidance_scale=recipe.guidance)
-    scale = max(1, 48 // images.images.shape[-1])
-    grid = image_grid(to_pixels(images.images), cols=per_prompt, scale=scale)
-    save_png(labelled_rows(grid, rows, row_height=grid.height // len(rows)), path)
+    save_prompt_grid(images.images, rows, per_prompt, path, scale=max(1, 48 // images.images.shape[-1]))
     return path

@@ -64,6 +64,15 @@ def labelled_rows(image, labels: list[str], row_height: int, width: int = 360):
     return out
 
 
+def save_prompt_grid(images, prompts: list[str], per_prompt: int, path: Path, scale: int = 0) -> None:
+    """Model-space images, `per_prompt` of each prompt in order, as a PNG with one labelled row per prompt."""
+    from isles.experts.data import to_pixels
+
+    scale = scale or max(1, 64 // images.shape[-1])
+    grid = image_grid(to_pixels(images), cols=per_prompt, scale=scale)
+    save_png(labelled_rows(grid, prompts, row_height=grid.height // len(prompts)), path)
+
+
 def read_prompts(path: Path) -> list[str]:
     """One prompt per non-empty line of a UTF-8 text file."""
     from isles.protocol.errors import IslesError
@@ -176,9 +185,7 @@ def sample(
         atomic_write_bytes(latents_path, save({"latents": result.latents.float().cpu().contiguous()}))
         written["latents"] = str(latents_path)
     if prompts is not None:  # one labelled row per prompt
-        scale = scale or max(1, 64 // result.images.shape[-1])
-        grid = image_grid(to_pixels(result.images), cols=n, scale=scale)
-        save_png(labelled_rows(grid, prompts, row_height=grid.height // len(prompts)), out)
+        save_prompt_grid(result.images, prompts, n, out, scale)
     elif result.latents is not None:
         save_png(image_grid(to_pixels(result.images), scale=scale or max(1, 64 // result.images.shape[-1])), out)
     elif pipe.config.get("data_kind") == "latents":
