@@ -6,6 +6,11 @@ reported CPU run, 30-45 min a seed on a 2-core machine; run seeds as parallel pr
 them with `--merge`); `--preset unet-micro --mono-steps 9600 --curve-points 4` (where the ensemble wins on a CPU);
 larger runs on a GPU with e.g. `--resolution 32 --preset unet-small --mono-steps 40000 --n 2000 --sample-steps 30`.
 Writes <out>/iso_flop.{json,md,png} (iso_flop_quick.* with --quick) and prints the table.
+
+`--video`: the same comparison for text-to-video (Paris 2.0): procedural captioned clips (experts/procedural_video.py),
+Wan transformers prompted with the clips' captions (embedded once by --text-encoder), FVD-style distance on a small
+video classifier's features. `python benchmarks/iso_flop.py --video --quick` (what the tests run); writes
+iso_flop_video.* (iso_flop_video_quick.*).
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ import torch
 
 from isles.experts import procedural
 from isles.experts.checkpoints import read_checkpoint
-from isles.experts.data import split_mask
+from isles.experts.data import item_layout, split_mask
 from isles.experts.device import pick_device
 from isles.experts.expert import ExpertTask
 from isles.experts.presets import preset_stats
 from isles.experts.trainer import TrainRecipe, train
 from isles.protocol.files import atomic_write_bytes, atomic_write_json
 from isles.router import metrics
-from isles.router.encoders import embed_items, make_encoder
+from isles.router.encoders import ClipEncoder, embed_items, make_encoder
 from isles.router.ensemble import EnsemblePipeline, Expert
 from isles.router.evaluate import EnsembleSampler, EvalConfig, ModelSampler, build_reference, evaluate
 from isles.router.partition import kmeans
@@ -67,6 +72,10 @@ class BenchConfig:
     curve_points: int = 3  # budget fractions 1/P, 2/P, ..., 1 evaluated for the FID-vs-FLOPs plot
     val_fraction: float = 0.05
     feature_overrides: dict = field(default_factory=dict)  # e.g. a tiny feature network for --quick
+    video: bool = False  # text-to-video clips instead of class-conditional images
+    frames: int = 16  # video: frames per clip
+    text_encoder: str = "minilm"  # video: embeds the captions (the offline MiniLM; a folder or hf:<id> works too)
+    guidance: float = 1.0  # video: classifier-free guidance when sampling (1 = off, plain conditional sampling)
 
     def routings(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(("top1", "top2", "full", self.routing)))
@@ -76,6 +85,16 @@ QUICK = BenchConfig(
     items=1500, resolution=8, experts=3, mono_steps=40, batch=16, lr=2e-3, warmup_steps=5, router_batch=32,
     seeds=(0, 1), n=64, sample_steps=4, curve_points=2,
     feature_overrides={"train_items": 1024, "epochs": 1, "batch_size": 64},
+)  # fmt: skip
+
+
+VIDEO = BenchConfig(
+    items=4000, resolution=32, experts=3, preset="wan-tiny", mono_steps=1500, batch=16, lr=1e-3, warmup_steps=50,
+    router_batch=32, n=300, sample_steps=20, curve_points=2, video=True, frames=16,
+)  # fmt: skip
+VIDEO_QUICK = dataclasses.replace(
+    VIDEO, items=240, resolution=16, frames=8, experts=2, mono_steps=16, batch=8, router_batch=16, seeds=(0,), n=32,
+    sample_steps=3, curve_points=1, feature_overrides={"train_items": 512, "epochs": 1, "batch_size": 32},
 )  # fmt: skip
 
 
@@ -112,26 +131,74 @@ def _shards(data, clusters: torch.Tensor, k: int) -> list:
     return shards
 
 
-def _ensemble(experts: list[Trained], objectives: list[str], router: Trained) -> EnsembleSampler:
+def _ensemble(experts: list[Trained], objectives: list[str], router: Trained, pipe_config=None) -> EnsembleSampler:
     members = {i: Expert(i, e.model, objectives[i]) for i, e in enumerate(experts)}
-    return EnsembleSampler(EnsemblePipeline(members, router.model).to(router.device))
+    return EnsembleSampler(EnsemblePipeline(members, router.model, pipe_config).to(router.device))
 
 
-def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device, on_row) -> dict:
+def _video_data(config: BenchConfig):
+    """The clips with their captions embedded (text, masks, the empty caption), and the encoder's recorded spec."""
+    from isles.experts import procedural_video
+    from isles.router.text_encoder import load_text_encoder
+
+    data, _, captions = procedural_video.load_clips(
+        f"procedural-video:{config.items}", resolution=config.resolution, frames=config.frames
+    )
+    encoder = load_text_encoder(config.text_encoder, max_length=16)
+    parts = [encoder(captions[i : i + 512]) for i in range(0, len(captions), 512)]
+    data.text = torch.cat([p[0] for p in parts]).to(torch.float16)
+    data.text_mask = torch.cat([p[1] for p in parts]).to(torch.uint8)
+    data.null_text = tuple(t.to(dtype) for t, dtype in zip(encoder.null(), (torch.float16, torch.uint8), strict=True))
+    return data, encoder.spec.to_dict()
+
+
+def save_video_samples(sampler: EnsembleSampler, folder: Path, steps: int, guidance: float) -> None:
+    """Clips of the seed's k-means ensemble (top-1) for fixed prompts: GIF, MP4, frame sheet, routing strip."""
+    from isles.client.cli.sample import routing_strip, save_png
+    from isles.experts.procedural_video import caption
+    from isles.experts.video_files import save_clip_grid_gif, save_clip_grid_mp4, save_frame_sheet
+
+    # class, colour, motion: every motion once, digits and shapes, two clips each
+    rows = [[3, 0, 0], [7, 5, 1], [10, 3, 2], [11, 2, 3], [5, 6, 4], [13, 4, 5], [12, 1, 6], [8, 7, 7]]
+    prompts = [caption(r) for r in rows for _ in range(2)]
+    result = sampler.pipe(prompt=prompts, routing="top1", steps=steps, seed=0, guidance_scale=guidance,
+                          return_routing=True)  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    save_clip_grid_gif(result.images, folder / "video_samples.gif", nrow=4)
+    try:
+        save_clip_grid_mp4(result.images, folder / "video_samples.mp4", nrow=4)
+    except ImportError:  # PyAV missing (a bare GPU machine): the GIF and the frame sheet are enough
+        log.warning("no PyAV: video_samples.mp4 not written")
+    save_frame_sheet(result.images, folder / "video_samples_frames.png", scale=3, labels=prompts, max_clips=16)
+    save_png(routing_strip(result.choices, sampler.pipe.num_experts), folder / "video_samples_routing.png")
+
+
+def run_seed(
+    config: BenchConfig, seed: int, data, reference, work: Path, device, on_row, samples_dir: Path | None = None
+) -> dict:
     """Train every configuration for one seed and evaluate it; returns {config: row} and the FLOP curve points."""
     torch.manual_seed(seed)
     k = config.experts
-    c, res, _ = data.shape
-    fps = preset_stats(config.preset, c, res, procedural.NUM_CLASSES)["train_flops_per_sample"]
+    c, frames, res, _ = item_layout(data.shape)
+    if config.video:
+        text_width, text_length = data.text.shape[2], data.text.shape[1]
+        fps = preset_stats(config.preset, c, res, None, text_width, text_length, frames)["train_flops_per_sample"]
+        text_spec = data.meta["text_encoder"]
+        pipe_config = {"conditioning": "text", "text_encoder": text_spec}
+        mono_info = {"text_encoder": text_spec, "shape": list(data.shape)}
+    else:
+        fps = preset_stats(config.preset, c, res, procedural.NUM_CLASSES)["train_flops_per_sample"]
+        pipe_config, mono_info = None, None
     budget = fps * config.batch * config.mono_steps
     # 1. Clusters: k-means on an embedding (what `isles partition` does), and a random split of the same sizes.
-    feats = embed_items(data.items, make_encoder(config.encoder, seed=seed))
+    encoder = make_encoder(config.encoder, seed=seed)
+    feats = embed_items(data.items, ClipEncoder(encoder, seed=seed) if config.video else encoder)
     km = torch.from_numpy(kmeans(feats, k, seed=seed))
     rand = km[torch.randperm(len(km), generator=torch.Generator().manual_seed(seed))]
     km_shards, rand_shards = _shards(data, km, k), _shards(data, rand, k)
     # 2. Iso-FLOP recipes: the experts share (1 - router_fraction) of the budget equally, in whole steps; the router
     #    gets what is left, so the two sides differ by less than one router step.
-    router_task = RouterTask(km_shards, preset=config.router_preset)
+    router_task = RouterTask(km_shards, preset=config.router_preset, conditional=not config.video)
     router_step_flops = router_task.flops_per_sample() * config.router_batch
     expert_steps = max(1, math.floor(budget * (1 - config.router_fraction) / (k * fps * config.batch)))
     router_steps = max(1, math.floor((budget - k * expert_steps * fps * config.batch) / router_step_flops))
@@ -155,7 +222,10 @@ def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device
         for i, s in enumerate(km_shards)
     ]
     router = Trained(router_task, _recipe(config, router_steps, seed, config.router_batch), d / "router", device)
-    ev = EvalConfig(n=config.n, steps=config.sample_steps, seed=seed, device=str(device))
+    ev = EvalConfig(
+        n=config.n, steps=config.sample_steps, seed=seed, device=str(device), guidance_scale=config.guidance,
+        batch_size=100 if config.video else 250,
+    )  # fmt: skip
     rows: dict[str, dict] = {}
     curve: dict[str, list] = {"monolith": [], f"ensemble_{config.routing}": []}
     # 3. Train both sides in stages and evaluate them at each fraction of the budget (the last one is the budget).
@@ -164,10 +234,12 @@ def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device
         for model in [mono, *fm, router]:
             model.advance(fraction)
         last = j == config.curve_points
-        mono_row = evaluate(ModelSampler(mono.model, "fm", "monolith"), reference, ev)[0]
+        mono_row = evaluate(ModelSampler(mono.model, "fm", "monolith", mono_info), reference, ev)[0]
         ens_flops = sum(e.flops for e in fm) + router.flops
         routings = config.routings() if last else (config.routing,)
-        ens_rows = evaluate(_ensemble(fm, ["fm"] * k, router), reference, dataclasses.replace(ev, routings=routings))
+        ens_rows = evaluate(
+            _ensemble(fm, ["fm"] * k, router, pipe_config), reference, dataclasses.replace(ev, routings=routings)
+        )
         curve["monolith"].append([mono.flops, mono_row["fid"]])
         by_routing = {r["routing"]: r for r in ens_rows}
         curve[f"ensemble_{config.routing}"].append([ens_flops, by_routing[config.routing]["fid"]])
@@ -188,11 +260,11 @@ def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device
         hetero[i] = Trained(task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device)
         hetero[i].advance(1.0)
     ev_one = dataclasses.replace(ev, routings=(config.routing,))
-    row = evaluate(_ensemble(hetero, objectives, router), reference, ev_one)[0]
+    row = evaluate(_ensemble(hetero, objectives, router, pipe_config), reference, ev_one)[0]
     rows["hetero"] = {**row, "train_flops": sum(e.flops for e in hetero) + router.flops}
     # 5. Random sharding: the same recipe on random shards of the same sizes, with its own router.
     rand_router = Trained(
-        RouterTask(rand_shards, preset=config.router_preset),
+        RouterTask(rand_shards, preset=config.router_preset, conditional=not config.video),
         _recipe(config, router_steps, seed, config.router_batch), d / "rand_router", device,
     )  # fmt: skip
     rand_fm = [
@@ -203,9 +275,11 @@ def run_seed(config: BenchConfig, seed: int, data, reference, work: Path, device
     ]
     for model in [*rand_fm, rand_router]:
         model.advance(1.0)
-    row = evaluate(_ensemble(rand_fm, ["fm"] * k, rand_router), reference, ev_one)[0]
+    row = evaluate(_ensemble(rand_fm, ["fm"] * k, rand_router, pipe_config), reference, ev_one)[0]
     rows["random_shards"] = {**row, "train_flops": sum(e.flops for e in rand_fm) + rand_router.flops}
     on_row(f"seed {seed}: " + ", ".join(f"{name} {rows[name]['fid']:.3f}" for name in CONFIGS))
+    if samples_dir is not None and config.video:
+        save_video_samples(_ensemble(fm, ["fm"] * k, router, pipe_config), samples_dir, 30, max(config.guidance, 3.0))
     return {"rows": rows, "curve": curve, "expert_steps": expert_steps, "router_steps": router_steps,
             "router_flops": router_flops, "budget": budget, "cluster_sizes": torch.bincount(km).tolist()}  # fmt: skip
 
@@ -221,9 +295,11 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
 
     out: dict = {
         "command": command,
-        "scale": f"{config.items} procedural items at {config.resolution}x{config.resolution}, {config.preset}, "
+        "scale": f"{config.items} procedural {'clips' if config.video else 'items'} at "
+        + (f"{config.frames}x" if config.video else "")
+        + f"{config.resolution}x{config.resolution}, {config.preset}, "
         f"K={config.experts}, monolith {config.mono_steps} steps x batch {config.batch}, {len(per_seed)} seeds, "
-        f"FID at n={ref['n']} with {config.sample_steps} sampling steps",
+        f"{'FVD' if config.video else 'FID'} at n={ref['n']} with {config.sample_steps} sampling steps",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
         **{k: ref[k] for k in ("n", "fid_floor", "noise_fid", "real_accuracy")},
         "wall_time_s": round(wall, 1),
@@ -247,11 +323,13 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
 
 
 def markdown(result: dict) -> str:
+    metric = "FVD" if result["config"].get("video") else "FID"
     lines = [
         f"Scale: {result['scale']} ({result['seeds_completed']} of them completed).",
-        f"Real-vs-real FID floor {result['fid_floor']:.3f}; uniform noise {result['noise_fid']:.1f}.",
+        f"Real-vs-real {metric} floor {result['fid_floor']:.3f}; uniform noise {result['noise_fid']:.1f}.",
         "",
-        "| configuration | routing | FID (mean ± sd) | class accuracy | expert calls / sample | training FLOPs |",
+        f"| configuration | routing | {metric} (mean ± sd) | class accuracy | expert calls / sample "
+        "| training FLOPs |",
         "|---|---|---|---|---|---|",
     ]
     for name in CONFIGS:
@@ -283,7 +361,8 @@ def plot(result: dict, path: Path) -> None:
                     color=color, label=name.replace("_", " "))  # fmt: skip
     ax.axhline(result["fid_floor"], color="gray", linestyle="--", label="real vs real (floor)")
     ax.set_xlabel("training FLOPs")
-    ax.set_ylabel(f"FID (n={result['config']['n']}, classifier features)")
+    metric = "FVD" if result["config"].get("video") else "FID"
+    ax.set_ylabel(f"{metric} (n={result['config']['n']}, classifier features)")
     ax.set_yscale("log")
     ax.set_title(f"iso-FLOP: monolith vs {result['config']['experts']}-expert ensemble")
     ax.legend()
@@ -338,9 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a few minutes on one CPU core")
+    parser.add_argument("--video", action="store_true", help="text-to-video clips with Wan experts (Paris 2.0)")
     defaults = BenchConfig()
     for f in dataclasses.fields(BenchConfig):
-        if f.name in ("feature_overrides",):
+        if f.name in ("feature_overrides", "video"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "seeds":
@@ -353,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature-network cache")
+    parser.add_argument("--samples-out", type=Path, default=None, help="video: the first seed's sample clips go here")
     parser.add_argument(
         "--merge",
         type=Path,
@@ -363,10 +444,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.merge:
         result = merge(args.merge, "python benchmarks/iso_flop.py " + " ".join(shlex.quote(a) for a in argv))
-        write_results(result, args.out, "iso_flop")
+        write_results(result, args.out, "iso_flop_video" if result["config"].get("video") else "iso_flop")
         print(markdown(result))
         return result
-    config = QUICK if args.quick else defaults
+    if args.video:
+        config = VIDEO_QUICK if args.quick else VIDEO
+    else:
+        config = QUICK if args.quick else defaults
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if getattr(args, f.name, None)
                  is not None}  # fmt: skip
     if "seeds" in overrides:
@@ -381,25 +465,35 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     command = "python benchmarks/iso_flop.py " + " ".join(shlex.quote(a) for a in argv)
 
-    data = procedural.load(f"procedural:{config.items}", resolution=config.resolution)
+    if config.video:
+        data, text_spec = _video_data(config)
+        data.meta["text_encoder"] = text_spec
+        source = f"procedural-video:{config.items}"
+    else:
+        data = procedural.load(f"procedural:{config.items}", resolution=config.resolution)
+        source = f"procedural:{config.items}"
     data.val_mask = split_mask(len(data), config.val_fraction)
-    reference = build_reference(f"procedural:{config.items}", config.n, 3, config.resolution,
-                                cache_dir=args.cache_dir, device=str(device),
-                                feature_overrides=config.feature_overrides)  # fmt: skip
+    frames = config.frames if config.video else None
+    reference = build_reference(source, config.n, 3, config.resolution, cache_dir=args.cache_dir, device=str(device),
+                                feature_overrides=config.feature_overrides, frames=frames)  # fmt: skip
     noise = torch.rand(
-        reference.n, 3, config.resolution, config.resolution, generator=torch.Generator().manual_seed(0)
-    )
+        reference.n, 3, *([frames] if frames else []), config.resolution, config.resolution,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
     noise_fid = metrics.fid(reference.net.embed_all(noise * 2 - 1)[0], reference.features)
     log.info("reference: n=%d, real-vs-real floor %.3f, noise %.1f", reference.n, reference.floor, noise_fid)
     ref = {"n": reference.n, "fid_floor": round(reference.floor, 4), "noise_fid": round(noise_fid, 4),
            "real_accuracy": reference.real_accuracy}  # fmt: skip
 
-    stem = "iso_flop_quick" if args.quick else "iso_flop"
+    stem = ("iso_flop_video" if config.video else "iso_flop") + ("_quick" if args.quick else "")
     per_seed: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="iso-flop-") as tmp:
         work = args.work or Path(tmp)
         for seed in config.seeds:
-            per_seed.append(run_seed(config, seed, data, reference, work, device, lambda line: log.info("%s", line)))
+            samples = args.samples_out if seed == config.seeds[0] else None
+            per_seed.append(
+                run_seed(config, seed, data, reference, work, device, lambda line: log.info("%s", line), samples)
+            )
             # Written after every seed: a long run that is stopped still leaves the seeds it finished.
             result = summarise(config, per_seed, ref, command, time.perf_counter() - start)
             write_results(result, args.out, stem)

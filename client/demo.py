@@ -3,7 +3,8 @@
 Partition digits -> bootstrap node with the manifest -> N volunteers (`isles join`) + the aggregator (`isles aggregate
 --until-complete`) -> sample a grid from the published ensemble -> a summary. Run: `isles demo --quick`.
 `isles demo --text`: the same with the captioned procedural set, text-conditioned PixArt experts and the offline
-MiniLM text encoder, then a grid with one labelled row per prompt.
+MiniLM text encoder, then a grid with one labelled row per prompt. `isles demo --video`: text-to-video (Paris 2.0) on
+the procedural video set with Wan experts, then a GIF and a frame sheet of clips for fixed prompts.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class DemoRecipe:
     text_encoder: str = "minilm"  # the offline encoder: nothing is downloaded
     text_max_length: int = 16  # procedural captions are at most 13 tokens with [CLS] and [SEP]
     guidance: float = 3.0  # classifier-free guidance of the prompt grid
+    frames: int | None = None  # video: frames per clip
 
 
 QUICK = DemoRecipe(4, 2, "unet-tiny", 150, 150, 32, 1e-3, 10, 0.99, "cnn-tiny", 10.0, 8.0, 2.0, 1.0, 20, 300.0)
@@ -66,6 +68,18 @@ TEXT_QUICK = dataclasses.replace(
 TEXT_FULL = dataclasses.replace(
     FULL, experts=2, preset="pixart-tiny", expert_steps=1200, router_steps=600, global_batch=64, lr=1e-3,
     ema_decay=0.998, source="procedural:20000", resolution=16, conditioning="text", timeout=3600.0,
+)  # fmt: skip
+
+
+# Video: procedural clips (digits and shapes moving, growing, changing colour), Wan-tiny experts. The quick one is 8
+# frames of 16x16 (64 space-time patches), ~5 min; the full one is the procedural set's 16 frames of 32x32 (~1 h).
+VIDEO_QUICK = dataclasses.replace(
+    QUICK, experts=2, preset="wan-tiny", expert_steps=150, router_steps=150, global_batch=16, lr=1e-3,
+    source="procedural-video:600", resolution=16, frames=8, conditioning="text", timeout=1200.0,
+)  # fmt: skip
+VIDEO_FULL = dataclasses.replace(
+    FULL, experts=2, preset="wan-tiny", expert_steps=2400, router_steps=600, global_batch=16, lr=1e-3,
+    ema_decay=0.998, source="procedural-video:8000", resolution=32, frames=16, conditioning="text", timeout=7200.0,
 )  # fmt: skip
 
 
@@ -169,15 +183,17 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
 
         partition(
             PartitionConfig(
+                identity=work / "identities" / "aggregator",  # the run owner: signs the manifest, aggregates
                 source=r.source,
                 resolution=r.resolution,
+                frames=r.frames,
                 conditioning=r.conditioning,
                 text_encoder=r.text_encoder,
                 text_max_length=r.text_max_length,
                 experts=config.experts,
                 out=work / "run",
                 store=str(store),
-                name="text-demo" if r.conditioning == "text" else "digits-demo",
+                name="video-demo" if r.frames else "text-demo" if r.conditioning == "text" else "digits-demo",
                 seed=config.seed,
                 preset=r.preset,
                 steps=r.expert_steps,
@@ -322,7 +338,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None], stop: threading.Eve
         if summary.get("samples"):
             shutil.copyfile(summary["samples"], work / "samples.png")
             summary["samples"] = str(work / "samples.png")
-        if r.conditioning == "text":
+        if r.frames:
+            summary.update(video_clips(summary["ensemble"], work / "prompts.gif", r))
+            summary["prompts"] = video_prompts()
+        elif r.conditioning == "text":
             summary["prompt_grid"] = str(prompt_grid(summary["ensemble"], work / "prompts.png", r))
             summary["prompts"] = demo_prompts()
         summary["run_id"] = run_id
@@ -354,6 +373,33 @@ def demo_prompts() -> list[str]:
     from isles.experts.procedural import caption
 
     return [caption(row) for row in DEMO_ATTRIBUTES]
+
+
+# Video prompts: (class, colour, motion) rows, every motion once, digits and shapes.
+VIDEO_ATTRIBUTES = [[3, 0, 0], [7, 5, 1], [10, 3, 2], [11, 2, 3], [5, 6, 4], [13, 4, 5], [12, 1, 6], [8, 7, 7]]
+
+
+def video_prompts() -> list[str]:
+    from isles.experts.procedural_video import caption
+
+    return [caption(row) for row in VIDEO_ATTRIBUTES]
+
+
+def video_clips(ensemble: str, path: Path, recipe: DemoRecipe, per_prompt: int = 2) -> dict:
+    """Sample the published video ensemble for video_prompts(): a GIF (a row of clips per 2 prompts), an MP4 and a
+    frame sheet with one labelled row per clip; returns their paths."""
+    from isles.experts.video_files import save_clip_grid_gif, save_clip_grid_mp4, save_frame_sheet
+    from isles.router.ensemble import EnsemblePipeline
+
+    pipe = EnsemblePipeline.from_pretrained(ensemble, device="cpu")
+    prompts = [p for p in video_prompts() for _ in range(per_prompt)]
+    clips = pipe(prompt=prompts, routing="top1", steps=recipe.sample_steps, seed=0, guidance_scale=recipe.guidance)
+    scale = max(1, 64 // clips.images.shape[-1])
+    sheet, mp4 = path.with_name(path.stem + "-frames.png"), path.with_suffix(".mp4")
+    save_clip_grid_gif(clips.images, path, nrow=2 * per_prompt, scale=scale)
+    save_clip_grid_mp4(clips.images, mp4, nrow=2 * per_prompt, scale=scale)
+    save_frame_sheet(clips.images, sheet, scale=max(1, scale // 2), labels=prompts, max_clips=len(prompts))
+    return {"clips_gif": str(path), "clips_mp4": str(mp4), "clips_frames": str(sheet)}
 
 
 def prompt_grid(ensemble: str, path: Path, recipe: DemoRecipe, per_prompt: int = 8) -> Path:

@@ -1,5 +1,9 @@
 """Captioned image data sets, streamed item by item (never held whole): an image folder with metadata.jsonl or .txt
 captions, WebDataset tar shards (img2dataset's output), or `hf:<dataset>[:split]` read in streaming mode.
+
+With `frames`, the same sources hold videos (.mp4, .webm, .mkv, .avi, .mov; a tar's mp4 members; an hf Video column),
+decoded by PyAV into fixed-shape clips (experts/video_decode.py): undecodable files and clips too short to pad are
+skipped and counted.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import torch
 from isles.protocol.errors import IslesError
 
 from .data import IMAGE_SUFFIXES, _pil_to_tensor, import_datasets
+from .video_decode import ClipTooShort, decode_clip
 
 log = logging.getLogger("isles.data")
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")  # the default caption column: the first of these present
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"}
+TAR_VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 MAX_MEMBER_BYTES = 64 * 2**20  # a tar member larger than this is skipped unread (a runaway or hostile shard)
 MAX_EXAMPLES = 5  # skipped keys kept in the report (and warned about one by one)
 
@@ -34,7 +41,7 @@ MAX_EXAMPLES = 5  # skipped keys kept in the report (and warned about one by one
 @dataclass
 class CaptionedItem:
     key: str  # file path relative to the root, tar member key, or hf row index as str
-    pixels: torch.Tensor  # uint8 [C, R, R]: center-cropped to a square, then resized to the resolution (bicubic)
+    pixels: torch.Tensor  # uint8 [C, R, R] (or a clip [C, F, R, R]): center-cropped square, resized (bicubic)
     caption: str
     label: int | None = None  # class index where the source has one (hf ClassLabel, metadata "label", tar .cls)
 
@@ -47,9 +54,11 @@ class StreamReport:
     skipped_undecodable: int = 0
     skipped_examples: list[str] = field(default_factory=list)  # the first MAX_EXAMPLES keys that failed to decode
     skipped_oversized: int = 0  # tar samples skipped because a member was over MAX_MEMBER_BYTES
+    skipped_short: int = 0  # videos with fewer than half the frames asked for (shorter ones are padded)
+    noun: str = "image"  # what the items are: "image" or "video"
 
     def reset(self) -> None:
-        self.items = self.skipped_undecodable = self.skipped_oversized = 0
+        self.items = self.skipped_undecodable = self.skipped_oversized = self.skipped_short = 0
         self.skipped_examples.clear()
 
     def summary(self) -> str:
@@ -58,7 +67,9 @@ class StreamReport:
         if self.skipped_undecodable:
             more = ", ..." if self.skipped_undecodable > len(self.skipped_examples) else ""
             examples = ", ".join(self.skipped_examples) + more
-            parts.append(f"{self.skipped_undecodable:,} undecodable images skipped ({examples})")
+            parts.append(f"{self.skipped_undecodable:,} undecodable {self.noun}s skipped ({examples})")
+        if self.skipped_short:
+            parts.append(f"{self.skipped_short:,} videos too short to pad skipped")
         if self.skipped_oversized:
             parts.append(f"{self.skipped_oversized:,} samples over {MAX_MEMBER_BYTES // 2**20} MiB skipped")
         return ", ".join(parts)
@@ -72,13 +83,23 @@ _OVERSIZED = object()  # stands in for the image of a tar sample that had a memb
 class CaptionedStream:
     """Iterating yields CaptionedItems in a fixed order; each new iteration starts over and resets `report`."""
 
-    def __init__(self, rows: Callable[[], Iterator[Raw]], description: str, resolution: int, mode: str, limit):
+    def __init__(
+        self,
+        rows: Callable[[], Iterator[Raw]],
+        description: str,
+        resolution: int,
+        mode: str,
+        limit,
+        frames: int | None = None,
+        fps: float | None = None,
+    ):
         self._rows = rows
         self.description = description
         self.resolution = resolution
         self.mode = mode
         self.limit = limit
-        self.report = StreamReport()
+        self.frames, self.fps = frames, fps  # videos: frames per clip, sampled at fps (None: the file's own rate)
+        self.report = StreamReport(noun="video" if frames is not None else "image")
 
     def __iter__(self) -> Iterator[CaptionedItem]:
         from PIL import Image, UnidentifiedImageError
@@ -93,6 +114,10 @@ class CaptionedStream:
                 continue
             try:
                 pixels = self._decode(image)
+            except ClipTooShort as exc:
+                self.report.skipped_short += 1
+                log.warning("skipping %s: too short to pad (%s)", key, exc)
+                continue
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 self._skip(key, exc)
                 continue
@@ -106,6 +131,8 @@ class CaptionedStream:
 
         if image is None:
             raise ValueError("no image data")
+        if self.frames is not None:
+            return decode_clip(image, self.frames, self.resolution, self.fps)
         if isinstance(image, Image.Image):  # already decoded by `datasets`
             return _pil_to_tensor(image, self.resolution, self.mode)
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
@@ -116,9 +143,9 @@ class CaptionedStream:
         report.skipped_undecodable += 1
         if len(report.skipped_examples) < MAX_EXAMPLES:
             report.skipped_examples.append(key)
-            log.warning("skipping undecodable image %s: %s", key, exc)
+            log.warning("skipping undecodable file %s: %s", key, exc)
         else:  # a data set with many bad files: the report counts them, the log does not repeat itself
-            log.debug("skipping undecodable image %s: %s", key, exc)
+            log.debug("skipping undecodable file %s: %s", key, exc)
 
 
 def open_captioned(
@@ -129,21 +156,46 @@ def open_captioned(
     image_column: str | None = None,
     caption_column: str | None = None,
     limit: int | None = None,
+    frames: int | None = None,
+    fps: float | None = None,
 ) -> CaptionedStream:
     """A stream over `source`: an image folder, a .tar shard, a folder of shards, a brace pattern such as
     /data/{00000..00003}.tar, or hf:<dataset>[:split] (a Hub name, or a local folder in imagefolder layout).
-    `image_column` / `caption_column` pick an hf column, a tar member extension or json field, or a metadata field."""
+    `image_column` / `caption_column` pick an hf column, a tar member extension or json field, or a metadata field.
+    With `frames`, the source holds videos: each becomes a clip of `frames` frames sampled at `fps`."""
     if mode not in ("RGB", "L"):
         raise IslesError(f"unsupported image mode {mode!r}", hint="use RGB or L (grayscale)")
     if resolution < 1:
         raise IslesError(f"resolution must be positive, got {resolution}")
-    rows, description = _resolve(source, image_column, caption_column)
-    return CaptionedStream(rows, description, resolution, mode, limit)
+    if frames is not None and frames < 1:
+        raise IslesError(f"frames must be positive, got {frames}")
+    if fps is not None and fps <= 0:
+        raise IslesError(f"fps must be positive, got {fps}")
+    kind = Media.video() if frames is not None else Media.image()
+    rows, description = _resolve(source, image_column, caption_column, kind)
+    return CaptionedStream(rows, description, resolution, mode, limit, frames, fps)
 
 
-def _resolve(source: str, image_column: str | None, caption_column: str | None):
+@dataclass(frozen=True)
+class Media:
+    """What a source's items are: file suffixes in folders, member extensions in tars, the word in messages."""
+
+    suffixes: frozenset
+    tar_extensions: tuple[str, ...]
+    noun: str
+
+    @staticmethod
+    def image() -> Media:
+        return Media(frozenset(IMAGE_SUFFIXES), TAR_IMAGE_EXTENSIONS, "image")
+
+    @staticmethod
+    def video() -> Media:
+        return Media(frozenset(VIDEO_SUFFIXES), TAR_VIDEO_EXTENSIONS, "video")
+
+
+def _resolve(source: str, image_column: str | None, caption_column: str | None, media: Media):
     if source.startswith("hf:"):
-        return _hf_source(source[3:], image_column, caption_column)
+        return _hf_source(source[3:], image_column, caption_column, media)
     path = Path(source)
     if "{" in source:
         shards = [Path(s) for s in expand_braces(source)]
@@ -152,11 +204,11 @@ def _resolve(source: str, image_column: str | None, caption_column: str | None):
             raise IslesError(f"{len(missing)} of {len(shards)} shards not found: {', '.join(missing[:3])}")
     elif path.is_file() and source.endswith(TAR_SUFFIXES):
         shards = [path]
-    elif path.is_dir() and _is_shard_folder(path):
+    elif path.is_dir() and _is_shard_folder(path, media):
         shards = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TAR_SUFFIXES))
     elif path.is_dir():
         captions = "metadata.jsonl" if next(path.rglob("metadata.jsonl"), None) else ".txt captions"
-        return (lambda: _folder_rows(path, caption_column)), f"folder {path} ({captions})"
+        return (lambda: _folder_rows(path, caption_column, media)), f"folder {path} ({captions})"
     else:
         raise IslesError(
             f"unknown captioned data source {source!r}",
@@ -164,7 +216,7 @@ def _resolve(source: str, image_column: str | None, caption_column: str | None):
             "/data/{00000..00009}.tar, or hf:<dataset>[:split]",
         )
     description = f"{len(shards)} tar shard{'s' if len(shards) != 1 else ''} ({shards[0]} ...)"
-    return (lambda: _tar_rows(shards, image_column, caption_column)), description
+    return (lambda: _tar_rows(shards, image_column, caption_column, media)), description
 
 
 # --- image folders -------------------------------------------------------------------------------------------------
@@ -196,11 +248,11 @@ def _read_metadata(path: Path) -> dict[str, dict]:
     return lines
 
 
-def _folder_rows(root: Path, caption_column: str | None) -> Iterator[Raw]:
+def _folder_rows(root: Path, caption_column: str | None, media: Media) -> Iterator[Raw]:
     metadata: dict[Path, dict[str, dict]] = {}  # directory -> its metadata.jsonl, read when first needed
     found = False
     for path in _walk_sorted(root):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in media.suffixes:
             continue
         found = True
         key = path.relative_to(root).as_posix()
@@ -227,11 +279,12 @@ def _folder_rows(root: Path, caption_column: str | None) -> Iterator[Raw]:
             yield key, path, path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip(), None
         else:
             raise IslesError(
-                f"image {path} has no caption: no metadata.jsonl line names it and there is no {path.stem}.txt",
+                f"{media.noun} {path} has no caption: no metadata.jsonl line names it and there is no {path.stem}.txt",
                 hint="add a caption for it (a metadata.jsonl line or a .txt file beside it), or remove it",
             )
     if not found:
-        raise IslesError(f"no images found under {root}", hint=f"supported: {', '.join(sorted(IMAGE_SUFFIXES))}")
+        supported = ", ".join(sorted(media.suffixes))
+        raise IslesError(f"no {media.noun}s found under {root}", hint=f"supported: {supported}")
 
 
 # --- WebDataset tar shards -----------------------------------------------------------------------------------------
@@ -257,11 +310,11 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for option in options for expanded in expand_braces(head + option + tail)]
 
 
-def _is_shard_folder(path: Path) -> bool:
-    """A folder with tar shards and no images directly in it."""
+def _is_shard_folder(path: Path, media: Media) -> bool:
+    """A folder with tar shards and no images (videos) directly in it."""
     entries = [p for p in path.iterdir() if p.is_file()]
     has_shards = any(p.name.endswith(TAR_SUFFIXES) for p in entries)
-    return has_shards and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
+    return has_shards and not any(p.suffix.lower() in media.suffixes for p in entries)
 
 
 def _split_member_name(name: str) -> tuple[str, str] | None:
@@ -309,19 +362,19 @@ def _tar_caption(members: dict[str, Any], caption_column: str | None, where: str
     return None
 
 
-def _tar_rows(shards: list[Path], image_column: str | None, caption_column: str | None) -> Iterator[Raw]:
+def _tar_rows(shards: list[Path], image_column: str | None, caption_column: str | None, media: Media) -> Iterator[Raw]:
     for shard in shards:
         for key, members in _tar_samples(shard):
             where = f"{shard}: {key}"
             if any(data is None for data in members.values()):
                 yield key, _OVERSIZED, "", None
                 continue
-            extensions = [image_column] if image_column else TAR_IMAGE_EXTENSIONS
+            extensions = [image_column] if image_column else media.tar_extensions
             image = next((members[e] for e in extensions if e in members), None)
             if image is None:
                 raise IslesError(
-                    f"{where} has no image (members: {', '.join(sorted(members))})",
-                    hint="pass --image-column with the extension of the image member",
+                    f"{where} has no {media.noun} (members: {', '.join(sorted(members))})",
+                    hint=f"pass --image-column with the extension of the {media.noun} member",
                 )
             caption = _tar_caption(members, caption_column, where)
             if caption is None:
@@ -336,7 +389,7 @@ def _tar_rows(shards: list[Path], image_column: str | None, caption_column: str 
 # --- Hugging Face data sets ----------------------------------------------------------------------------------------
 
 
-def _hf_source(spec: str, image_column: str | None, caption_column: str | None):
+def _hf_source(spec: str, image_column: str | None, caption_column: str | None, media: Media):
     datasets = import_datasets()
     name, _, split = spec.partition(":")
     local = Path(name).is_dir()  # a local folder in imagefolder layout (metadata.jsonl): no network needed
@@ -352,13 +405,15 @@ def _hf_source(spec: str, image_column: str | None, caption_column: str | None):
     features = ds.features
     if features is None:  # some streaming builders do not know their features before the first row
         first = next(iter(ds), None) or {}
-        columns, is_image = list(first), {c: _looks_like_image(v) for c, v in first.items()}
+        columns, is_image = list(first), {c: _looks_like_media(v, media) for c, v in first.items()}
     else:
         columns = list(features)
-        is_image = {c: isinstance(f, datasets.Image) or _looks_like_image(f) for c, f in features.items()}
+        is_image = {
+            c: _is_media_feature(datasets, f, media) or _looks_like_media(f, media) for c, f in features.items()
+        }
     image_column = image_column or next((c for c in columns if is_image[c]), None)
     caption_column = caption_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
-    for role, column in (("image", image_column), ("caption", caption_column)):
+    for role, column in ((media.noun, image_column), ("caption", caption_column)):
         if column is None or column not in columns:
             raise IslesError(
                 f"data set {name!r} has {f'no column {column!r}' if column else f'no {role} column'}; "
@@ -366,11 +421,14 @@ def _hf_source(spec: str, image_column: str | None, caption_column: str | None):
                 hint="pass --image-column / --caption-column",
             )
     if not is_image[image_column]:
-        raise IslesError(f"column {image_column!r} of {name!r} does not hold images", hint="pass --image-column")
+        raise IslesError(
+            f"column {image_column!r} of {name!r} does not hold {media.noun}s", hint="pass --image-column"
+        )
     label_column = None
     if features is not None:
-        if isinstance(features[image_column], datasets.Image):  # decode here, so a bad image is skipped, not fatal
-            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        if _is_media_feature(datasets, features[image_column], media):  # decode here: a bad file is skipped, not fatal
+            kind = datasets.Video if media.noun == "video" else datasets.Image
+            ds = ds.cast_column(image_column, kind(decode=False))
         label_column = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
 
     def rows() -> Iterator[Raw]:
@@ -394,11 +452,22 @@ def _hf_source(spec: str, image_column: str | None, caption_column: str | None):
     return rows, f"hf:{spec} ({'local folder, ' if local else ''}streaming)"
 
 
-def _looks_like_image(value: Any) -> bool:
-    """A decoded image, or an image struct: a {"bytes", "path"} value (or feature dict)."""
+def _is_media_feature(datasets, feature: Any, media: Media) -> bool:
+    kind = getattr(datasets, "Video", None) if media.noun == "video" else datasets.Image
+    return kind is not None and isinstance(feature, kind)
+
+
+def _looks_like_media(value: Any, media: Media) -> bool:
+    """A decoded image (images only), or a file struct: a {"bytes", "path"} value (or feature dict); for videos, a
+    path's suffix must be a video's where one is given."""
     from PIL import Image
 
-    return isinstance(value, Image.Image) or (isinstance(value, dict) and {"bytes", "path"} <= value.keys())
+    if media.noun == "image" and isinstance(value, Image.Image):
+        return True
+    if not (isinstance(value, dict) and {"bytes", "path"} <= value.keys()):
+        return False
+    path = value.get("path")
+    return media.noun == "image" or not isinstance(path, str) or Path(path).suffix.lower() in media.suffixes
 
 
 def _hf_image(value: Any) -> Any:

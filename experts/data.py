@@ -2,7 +2,7 @@
 split. A shard is one safetensors file (experts/shard_file.py), written atomically, named by sha256, read lazily.
 
 `load_source("digits" | <image folder> | "hf:<name>")` reads a whole data set into one ShardData (cluster 0).
-Images only: items are [N, C, H, W]; video clips ([N, C, F, H, W], Paris 2.0) are not supported yet.
+Items are images [N, C, H, W] or video clips [N, C, F, H, W] (channels, frames, height, width; Paris 2.0).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ Column = torch.Tensor | LazyColumn  # a tensor in memory, or rows of a shard fil
 
 @dataclass
 class ShardData:
-    """N items of one shape. items: uint8 [N, C, H, W] pixels (0..255) or float latents; labels: int64 [N] or
-    None; clusters: int64 [N]; val_mask: bool [N] (True = held out for validation); text: float16 [N, L, D] token
-    embeddings of each item's caption and text_mask: uint8 [N, L] (or both None); null_text: the empty caption's
-    ([L, D], [L]), the condition of classifier-free guidance; attributes: int64 [N, A] (procedural data, for
-    evaluation) or None; meta: JSON-able dict with at least num_classes (None if unlabelled) and source.
-    items, text and text_mask may be LazyColumns: rows are read from the shard file when indexed."""
+    """N items of one shape. items: uint8 [N, C, H, W] pixels (0..255), clips [N, C, F, H, W], or float latents;
+    labels: int64 [N] or None; clusters: int64 [N]; val_mask: bool [N] (True = held out for validation);
+    text: float16 [N, L, D] token embeddings of each item's caption and text_mask: uint8 [N, L] (or both None);
+    null_text: the empty caption's ([L, D], [L]), the condition of classifier-free guidance; attributes: int64 [N, A]
+    (procedural data, for evaluation) or None; meta: JSON-able dict with at least num_classes (None if unlabelled)
+    and source. items, text and text_mask may be LazyColumns: rows are read from the shard file when indexed."""
 
     items: Column
     labels: torch.Tensor | None
@@ -50,8 +50,10 @@ class ShardData:
 
     def __post_init__(self) -> None:
         n = self.items.shape[0]
-        if self.items.ndim != 4:
-            raise IslesError(f"shard items must be [N, C, H, W], got shape {list(self.items.shape)}")
+        if self.items.ndim not in (4, 5):
+            raise IslesError(
+                f"shard items must be images [N, C, H, W] or clips [N, C, F, H, W], got shape {list(self.items.shape)}"
+            )
         for name in ("labels", "clusters", "val_mask", "text", "text_mask", "attributes", "captions"):
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
@@ -64,9 +66,14 @@ class ShardData:
         return self.items.shape[0]
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of one item."""
-        return tuple(self.items.shape[1:])  # type: ignore[return-value]
+    def shape(self) -> tuple[int, ...]:
+        """(channels, height, width) of one image, (channels, frames, height, width) of one clip."""
+        return tuple(self.items.shape[1:])
+
+    @property
+    def frames(self) -> int | None:
+        """Frames per clip; None for images."""
+        return self.items.shape[2] if self.items.ndim == 5 else None
 
     @property
     def is_latent(self) -> bool:
@@ -103,6 +110,16 @@ class ShardData:
 
     def with_meta(self, **meta: Any) -> ShardData:
         return replace(self, meta={**self.meta, **meta})
+
+
+def item_layout(shape) -> tuple[int, int | None, int, int]:
+    """(channels, frames or None, height, width) of an item shape [C, H, W] or [C, F, H, W]."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) == 3:
+        return shape[0], None, shape[1], shape[2]
+    if len(shape) == 4:
+        return shape
+    raise IslesError(f"an item is [C, H, W] or [C, F, H, W], not {list(shape)}")
 
 
 def to_model_space(items: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,13 @@ from isles.protocol.files import atomic_write_bytes, atomic_write_json
 from isles.protocol.installation import isles_version
 
 from .conditioning import CONDITIONINGS, TextCondition, cat_conditions
-from .data import ShardData, to_model_space, to_pixels
+from .data import ShardData, item_layout, to_model_space, to_pixels
 from .objectives import check_objective, draw_noise, expert_velocity, loss_at, sample_euler
 from .presets import (
     build_model,
     get_preset,
     is_text_preset,
+    is_video_model,
     model_forward,
     model_num_classes,
     null_class,
@@ -51,7 +52,7 @@ class ExpertTask:
     def __post_init__(self) -> None:
         check_objective(self.objective)
         self.preset = get_preset(self.preset).name
-        c, h, w = self.shard.shape
+        _, self.frames, h, w = item_layout(self.shard.shape)
         if h != w:
             raise IslesError(f"items are {h}x{w}; isles presets need square items", hint="resize the data")
         self.conditioning = self._resolve_conditioning()
@@ -93,12 +94,11 @@ class ExpertTask:
 
     # --- the trainer's task protocol -----------------------------------------------------------------------------
     def describe(self) -> dict:
-        c, h, _ = self.shard.shape
         identity = {
             "kind": "expert",
             "preset": self.preset,
             "objective": self.objective,
-            "shape": [c, h, h],
+            "shape": list(self.shard.shape),
             "num_classes": self.num_classes,
             "label_dropout": self.label_dropout,
             "train_items": len(self._train),
@@ -111,15 +111,15 @@ class ExpertTask:
         return identity
 
     def build_model(self) -> torch.nn.Module:
-        c, h, _ = self.shard.shape
-        return build_model(self.preset, c, h, self.num_classes, self.text_width)
+        c, frames, h, _ = item_layout(self.shard.shape)
+        return build_model(self.preset, c, h, self.num_classes, self.text_width, frames)
 
     def train_size(self) -> int:
         return len(self._train)
 
     def flops_per_sample(self) -> int:
-        c, h, _ = self.shard.shape
-        stats = preset_stats(self.preset, c, h, self.num_classes, self.text_width, self.text_length or 77)
+        c, frames, h, _ = item_layout(self.shard.shape)
+        stats = preset_stats(self.preset, c, h, self.num_classes, self.text_width, self.text_length or 77, frames)
         return stats["train_flops_per_sample"]
 
     def make_batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -138,7 +138,7 @@ class ExpertTask:
             batch["text_mask"] = torch.where(drop[:, None], null_mask.float(), mask)
         if self.hflip:  # drawn last, so runs without flips keep the random stream they always had
             flip = torch.rand(len(indices), generator=generator) < 0.5
-            batch["x0"] = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            batch["x0"] = torch.where(flip.reshape(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
         return batch
 
     def condition(self, batch: dict[str, torch.Tensor]):
@@ -207,6 +207,7 @@ class ExpertTask:
             data_meta=self.shard.meta,
             label_dropout=self.label_dropout,
             conditioning=self.conditioning,
+            shape=list(self.shard.shape),
         )
 
 
@@ -225,8 +226,10 @@ def export_expert(
     data_meta: dict | None = None,
     label_dropout: float = 0.1,
     conditioning: str | None = None,
+    shape: list[int] | None = None,
 ) -> None:
-    """Write a diffusers folder + expert.json + README.md (model card with Hub metadata) for one expert."""
+    """Write a diffusers folder + expert.json + README.md (model card with Hub metadata) for one expert. `shape`: the
+    item shape it was trained on ([C, H, W] or [C, F, H, W]; video models' configs do not hold it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
@@ -241,6 +244,7 @@ def export_expert(
         "class_names": data_meta.get("class_names"),
         "label_dropout": label_dropout,
         "conditioning": conditioning or ("class" if model_num_classes(model) else "none"),
+        "shape": shape,
         "text_encoder": data_meta.get("text_encoder"),  # what embeds prompts for this expert (text models)
         "data": {"source": data_meta.get("source"), "latent": data_meta.get("latent"), "vae": data_meta.get("vae")},
         "shard": shard or {},
@@ -255,7 +259,8 @@ def model_card(info: dict) -> str:
     metrics = info.get("metrics", {})
     tags = ["isles", "decentralized-diffusion", "diffusion", f"objective-{info['objective']}", info["preset"]]
     text = info.get("conditioning") == "text"
-    tag = "text-to-image" if text else "unconditional-image-generation"
+    video = len(info.get("shape") or []) == 4
+    tag = "text-to-video" if video else "text-to-image" if text else "unconditional-image-generation"
     front = ["---", "library_name: diffusers", "license: apache-2.0", f"pipeline_tag: {tag}"]
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     lines = [
@@ -305,15 +310,20 @@ def sample_expert(
     generator: torch.Generator | None = None,
     clip_x0: float | None = 1.0,
     null_cond: TextCondition | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """n samples (model space, [-1, 1] for pixels) from one expert with Euler steps in velocity space. `labels`: class
+    """n samples (model space, [-1, 1] for pixels) from one expert (`shape`: one item's, needed for video models, whose
+    config does not hold it: expert.json's "shape") with Euler steps in velocity space. `labels`: class
     labels [n], or a TextCondition for a text model (then `null_cond`, the empty caption, is the unconditional
     input). With guidance_scale != 1, classifier-free guidance v = v_null + s (v_cond - v_null)."""
     model.eval()
     device = next(model.parameters()).device
     config = model.config
-    c = config.in_channels
-    res = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    if shape is None:
+        if is_video_model(model):
+            raise IslesError("a video model needs the clip shape to sample", hint="pass expert.json's shape")
+        res = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        shape = (config.in_channels, res, res)
     cond = None if labels is None else labels.to(device)
     if isinstance(cond, TextCondition) and null_cond is None:
         raise IslesError("a text model needs the empty caption's embedding to sample with guidance")
@@ -331,7 +341,7 @@ def sample_expert(
             v_cond, v_null = predict(cat_conditions(cond, null), torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         return v_null + guidance_scale * (v_cond - v_null)
 
-    return sample_euler(velocity, (n, c, res, res), steps, generator=generator, device=device)
+    return sample_euler(velocity, (n, *shape), steps, generator=generator, device=device)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 4) -> None:

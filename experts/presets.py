@@ -1,6 +1,7 @@
 """Named model sizes: real diffusers models that adapt to the data's shape. Class-conditional or unconditional:
 UNet2DModel, DiTTransformer2DModel; text-conditioned (cross-attention to caption token embeddings):
-PixArtTransformer2DModel (adaLN-single, the shape of Paris 1.0's experts) and UNet2DConditionModel.
+PixArtTransformer2DModel (adaLN-single, the shape of Paris 1.0's experts) and UNet2DConditionModel; text-to-video on
+clips [C, F, H, W]: WanTransformer3DModel (Wan 2.1's space-time transformer, flow matching, text cross-attention).
 
 `build_model("unet-tiny", channels=1, resolution=8, num_classes=10)`, `build_model("pixart-tiny", 4, 16,
 text_width=384)`; `model_forward(model, x, timestep, labels | TextCondition)`; `load_model(folder)`.
@@ -34,6 +35,8 @@ class Preset:
     heads: int = 0
     head_dim: int = 0
     patch: int = 2
+    patch_frames: int = 1  # wan: frames per patch (the space-time patch is patch_frames x patch x patch)
+    ffn_dim: int = 0  # wan: the feed-forward width
     note: str = ""
 
 
@@ -60,10 +63,20 @@ PRESETS: dict[str, Preset] = {
         Preset("unet-cond-tiny", "unet-cond", base=32, mults=(1, 2, 2), layers_per_block=1, note="text; CPU"),
         Preset("unet-cond-small", "unet-cond", base=64, mults=(1, 2, 2, 2), layers_per_block=2, note="text"),
         Preset("unet-cond-base", "unet-cond", base=128, mults=(1, 2, 2, 2), layers_per_block=2, note="text"),
+        # Text-to-video (Paris 2.0): Wan 2.1's transformer. Token count, not parameters, sets the cost: the tiny preset
+        # cuts 16x32x32 pixel clips into 2x4x4 patches (512 tokens); the others use Wan's 1x2x2 on VAE latents.
+        Preset("wan-tiny", "wan", layers=4, heads=4, head_dim=32, patch=4, patch_frames=2, ffn_dim=256,
+               note="video; ~1M params, trains on a CPU"),
+        Preset("wan-small", "wan", layers=12, heads=6, head_dim=64, patch=2, ffn_dim=1536, note="video"),
+        Preset("wan-base", "wan", layers=20, heads=12, head_dim=64, patch=2, ffn_dim=3072, note="video"),
+        Preset("wan-1.3b", "wan", layers=30, heads=12, head_dim=128, patch=2, ffn_dim=8960,
+               note="video; Wan 2.1 T2V-1.3B, a 24-48 GB GPU"),
     ]
 }
-TEXT_FAMILIES = ("pixart", "unet-cond")
-TEXT_CLASSES = ("PixArtTransformer2DModel", "UNet2DConditionModel")
+TEXT_FAMILIES = ("pixart", "unet-cond", "wan")
+VIDEO_FAMILIES = ("wan",)
+TEXT_CLASSES = ("PixArtTransformer2DModel", "UNet2DConditionModel", "WanTransformer3DModel")
+VIDEO_CLASSES = ("WanTransformer3DModel",)
 ALIASES = {"tiny": "unet-tiny", "small": "unet-small", "dit": "dit-tiny"}
 
 
@@ -85,14 +98,34 @@ def is_text_preset(preset: str) -> bool:
     return get_preset(preset).family in TEXT_FAMILIES
 
 
+def is_video_preset(preset: str) -> bool:
+    return get_preset(preset).family in VIDEO_FAMILIES
+
+
 def model_config(
-    preset: str, channels: int, resolution: int, num_classes: int | None, text_width: int | None = None
+    preset: str,
+    channels: int,
+    resolution: int,
+    num_classes: int | None,
+    text_width: int | None = None,
+    frames: int | None = None,
 ) -> dict:
-    """The diffusers constructor arguments of `preset` for data of shape [channels, resolution, resolution],
-    conditioned on num_classes classes, on caption token embeddings of width text_width, or on nothing."""
+    """The diffusers constructor arguments of `preset` for items of shape [channels, resolution, resolution] (images)
+    or [channels, frames, resolution, resolution] (clips), conditioned on num_classes classes, on caption token
+    embeddings of width text_width, or on nothing."""
     p = get_preset(preset)
     if channels < 1 or resolution < 2:
         raise IslesError(f"cannot build {p.name} for data of shape [{channels}, {resolution}, {resolution}]")
+    if (frames is not None) != (p.family in VIDEO_FAMILIES):
+        if frames is None:
+            raise IslesError(
+                f"{p.name} is a video preset: it trains on clips, the data holds images",
+                hint="pick an image preset (unet-*, dit-*, pixart-*), or partition a video source",
+            )
+        raise IslesError(
+            f"{p.name} is an image preset: the data holds clips of {frames} frames",
+            hint="pick a video preset: wan-tiny, wan-small, wan-base or wan-1.3b",
+        )
     if num_classes is not None and num_classes < 1:
         raise IslesError(f"num_classes must be at least 1 (got {num_classes}); use None for unconditional models")
     if p.family in TEXT_FAMILIES:
@@ -101,7 +134,7 @@ def model_config(
                 f"{p.name} is a text-conditioned preset: it needs captioned data (and takes no classes)",
                 hint="partition a captioned source with --conditioning text, or pick a unet-*/dit-* preset",
             )
-        return _text_model_config(p, channels, resolution, text_width)
+        return _text_model_config(p, channels, resolution, text_width, frames)
     if text_width is not None:
         raise IslesError(
             f"{p.name} takes a class or nothing, not text", hint="pick a text preset: pixart-* or unet-cond-*"
@@ -164,7 +197,9 @@ def _unet_blocks(p: Preset, resolution: int, attention: str) -> tuple[tuple[int,
     return widths, down, up
 
 
-def _text_model_config(p: Preset, channels: int, resolution: int, text_width: int) -> dict:
+def _text_model_config(p: Preset, channels: int, resolution: int, text_width: int, frames: int | None = None) -> dict:
+    if p.family == "wan":
+        return _wan_config(p, channels, resolution, text_width, frames)
     if p.family == "pixart":
         if resolution % p.patch:
             raise IslesError(f"{p.name} uses {p.patch}x{p.patch} patches, which do not tile {resolution}x{resolution}")
@@ -200,14 +235,49 @@ def _text_model_config(p: Preset, channels: int, resolution: int, text_width: in
     }
 
 
+def _wan_config(p: Preset, channels: int, resolution: int, text_width: int, frames: int) -> dict:
+    if frames % p.patch_frames or resolution % p.patch:
+        raise IslesError(
+            f"{p.name} cuts clips into {p.patch_frames}x{p.patch}x{p.patch} patches, which do not tile "
+            f"{frames}x{resolution}x{resolution}",
+            hint="pick a frame count and resolution the patch divides, or another wan preset",
+        )
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": [p.patch_frames, p.patch, p.patch],
+        "num_attention_heads": p.heads,
+        "attention_head_dim": p.head_dim,
+        "in_channels": channels,
+        "out_channels": channels,
+        "text_dim": text_width,  # the text encoder's width (umT5-XXL's 4096 in Wan 2.1), projected to the model's
+        "freq_dim": 256,
+        "ffn_dim": p.ffn_dim,
+        "num_layers": p.layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "image_dim": None,  # text-to-video: no image conditioning branch
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": None,
+    }
+
+
 def _model_classes() -> dict[str, type]:
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers import (
+        DiTTransformer2DModel,
+        PixArtTransformer2DModel,
+        UNet2DConditionModel,
+        UNet2DModel,
+        WanTransformer3DModel,
+    )
 
     return {
         "UNet2DModel": UNet2DModel,
         "DiTTransformer2DModel": DiTTransformer2DModel,
         "PixArtTransformer2DModel": PixArtTransformer2DModel,
         "UNet2DConditionModel": UNet2DConditionModel,
+        "WanTransformer3DModel": WanTransformer3DModel,
     }
 
 
@@ -228,10 +298,16 @@ def _prepare(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_model(
-    preset: str, channels: int, resolution: int, num_classes: int | None = None, text_width: int | None = None
+    preset: str,
+    channels: int,
+    resolution: int,
+    num_classes: int | None = None,
+    text_width: int | None = None,
+    frames: int | None = None,
 ) -> torch.nn.Module:
-    """A freshly initialised diffusers model of `preset` for [channels, resolution, resolution] data."""
-    return _instantiate(model_config(preset, channels, resolution, num_classes, text_width))
+    """A freshly initialised diffusers model of `preset` for [channels, resolution, resolution] data (or clips of
+    `frames` such frames)."""
+    return _instantiate(model_config(preset, channels, resolution, num_classes, text_width, frames))
 
 
 def is_dit(model: torch.nn.Module) -> bool:
@@ -242,12 +318,18 @@ def is_text_model(model: torch.nn.Module) -> bool:
     return type(model).__name__ in TEXT_CLASSES
 
 
+def is_video_model(model: torch.nn.Module) -> bool:
+    return type(model).__name__ in VIDEO_CLASSES
+
+
 def text_width_of(model: torch.nn.Module) -> int | None:
     """The caption embedding width a text model takes (None for class / unconditional models)."""
     if type(model).__name__ == "PixArtTransformer2DModel":
         return model.config.caption_channels
     if type(model).__name__ == "UNet2DConditionModel":
         return model.config.cross_attention_dim
+    if type(model).__name__ == "WanTransformer3DModel":
+        return model.config.text_dim
     return None
 
 
@@ -273,7 +355,7 @@ def null_class(model: torch.nn.Module) -> int | None:
 
 
 def model_forward(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond=None) -> torch.Tensor:
-    """The model's raw output for x [B, C, H, W] at timesteps [B] (0..1000).
+    """The model's raw output for x [B, C, H, W] (images) or [B, C, F, H, W] (clips) at timesteps [B] (0..1000).
 
     cond: class labels [B] for a class model (None: the null class, i.e. unconditional; labels equal to
     `null_class(model)` are allowed too), or a TextCondition for a text model (which always needs one: pass the empty
@@ -287,6 +369,14 @@ def model_forward(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tenso
         if not isinstance(cond, TextCondition):
             raise IslesError("this model is text-conditioned: it needs a caption (a prompt), not a class")
         text = cond.to(x.device)
+        if is_video_model(model):
+            if x.ndim != 5:
+                raise IslesError("this is a video model: it makes clips [C, F, H, W], not images")
+            # Wan has no attention mask: like its own pipeline, zero the caption's padding tokens instead.
+            emb = text.emb * text.mask.to(text.emb.dtype)[:, :, None]
+            return model(x, timestep, encoder_hidden_states=emb, return_dict=False)[0]
+        if x.ndim != 4:
+            raise IslesError("this is an image model: it makes images [C, H, W], not clips")
         if type(model).__name__ == "UNet2DConditionModel":
             return model(
                 x, timestep, encoder_hidden_states=text.emb, encoder_attention_mask=text.mask, return_dict=False
@@ -333,11 +423,25 @@ def load_model(folder: str | Path) -> torch.nn.Module:
     if not (folder / "diffusion_pytorch_model.safetensors").is_file():
         raise IslesError(f"no weights in {folder} (diffusion_pytorch_model.safetensors is missing)")
     try:
-        model = classes[class_name].from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+        cls = classes[class_name]
+        if getattr(cls, "_keep_in_fp32_modules", None):
+            model = _load_strict(cls, folder)
+        else:
+            model = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:  # weights that do not fit the config, bad fields
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise IslesError(f"cannot load the model in {folder}: {first}", hint="re-export or re-download it") from None
     return _prepare(model)
+
+
+def _load_strict(cls: type, folder: Path) -> torch.nn.Module:
+    """Build from config.json and load every weight exactly (no missing or extra key). For classes that keep modules in
+    float32 (Wan), whose from_pretrained needs accelerate's low-memory loader; isles trains and samples in float32."""
+    from safetensors.torch import load_file
+
+    model = cls.from_config(cls.load_config(folder))
+    model.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -352,6 +456,7 @@ def preset_stats(
     num_classes: int | None = None,
     text_width: int | None = None,
     text_length: int = 77,
+    frames: int | None = None,
 ) -> dict[str, int]:
     """Parameter count and training FLOPs per sample (forward + backward, counted by torch.utils.flop_counter);
     text models are counted with captions of text_length tokens (cross-attention grows with it).
@@ -362,10 +467,10 @@ def preset_stats(
 
     from .conditioning import TextCondition
 
-    config = model_config(preset, channels, resolution, num_classes, text_width)
+    config = model_config(preset, channels, resolution, num_classes, text_width, frames)
     with torch.device("meta"):
         model = _instantiate(config)
-        x = torch.zeros(1, channels, resolution, resolution)
+        x = torch.zeros(1, channels, *([frames] if frames else []), resolution, resolution)
         t = torch.zeros(1)
         if text_width is not None:
             cond = TextCondition(torch.zeros(1, text_length, text_width), torch.ones(1, text_length))
@@ -382,11 +487,15 @@ def describe_presets(
     channels: int = 4, resolution: int = 32, num_classes: int | None = 1000, text_width: int = 768
 ) -> list[dict]:
     """One row per preset for a data shape (default: the papers' 32x32x4 SD-VAE latents, ImageNet classes for class
-    presets, 77 CLIP ViT-L/14 tokens of width 768 for text presets)."""
+    presets, 77 CLIP ViT-L/14 tokens of width 768 for text presets; clips for video presets, as the code says)."""
     rows = []
     for name, p in PRESETS.items():
         try:
-            if p.family in TEXT_FAMILIES:
+            if p.family in VIDEO_FAMILIES and p.patch_frames > 1:  # the procedural set's pixel clips, 3x16x32x32
+                stats = preset_stats(name, 3, 32, None, text_width, frames=16)
+            elif p.family in VIDEO_FAMILIES:  # Wan 2.1's VAE latents of a 17-frame 256x256 clip: 16x5x32x32
+                stats = preset_stats(name, 16, resolution, None, text_width, frames=5)
+            elif p.family in TEXT_FAMILIES:
                 stats = preset_stats(name, channels, resolution, None, text_width)
             else:
                 stats = preset_stats(name, channels, resolution, num_classes)

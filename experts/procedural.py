@@ -119,19 +119,22 @@ def _attributes(labels: np.ndarray, hue: np.ndarray, center: np.ndarray, scale: 
     return np.stack([labels, colour, position, size], axis=1).astype(np.int64)
 
 
-def parse_spec(spec: str) -> tuple[int, int]:
-    """`procedural`, `procedural:N` or `procedural:N:SEED` -> (items, seed)."""
+def parse_spec(
+    spec: str, prefix: str = "procedural", default_items: int = DEFAULT_ITEMS, what: str = "procedural data set"
+) -> tuple[int, int]:
+    """`procedural`, `procedural:N` or `procedural:N:SEED` -> (items, seed); `prefix` names another generated set
+    (procedural-video)."""
     parts = spec.split(":")
-    if parts[0] != "procedural" or len(parts) > 3:
-        hint = "use procedural, procedural:N or procedural:N:SEED"
-        raise IslesError(f"not a procedural data set name: {spec!r}", hint=hint)
+    if parts[0] != prefix or len(parts) > 3:
+        hint = f"use {prefix}, {prefix}:N or {prefix}:N:SEED"
+        raise IslesError(f"not a {what} name: {spec!r}", hint=hint)
     try:
-        n = int(parts[1]) if len(parts) > 1 and parts[1] else DEFAULT_ITEMS
+        n = int(parts[1]) if len(parts) > 1 and parts[1] else default_items
         seed = int(parts[2]) if len(parts) > 2 else DEFAULT_SEED
     except ValueError as exc:
-        raise IslesError(f"bad procedural data set name {spec!r}: {exc}", hint="e.g. procedural:20000:0") from None
+        raise IslesError(f"bad {what} name {spec!r}: {exc}", hint=f"e.g. {prefix}:2000:0") from None
     if n <= 0:
-        raise IslesError(f"procedural data set needs at least one item, got {n}", hint="e.g. procedural:20000")
+        raise IslesError(f"{what} needs at least one item, got {n}", hint=f"e.g. {prefix}:2000")
     return n, seed
 
 
@@ -183,6 +186,26 @@ def _render_chunk(rng: np.random.Generator, n: int, res: int) -> tuple[torch.Ten
     freq = rng.uniform(2.5, 6.0, n)
     phase = rng.uniform(0, 2 * math.pi, n)
     glyph = rng.integers(0, 10_000, n)
+    pixels = paint(labels, fg, bg, center, scale, angle, freq, phase, glyph, res)
+    params = {"hue": hue, "center": center, "scale": scale, "angle": angle, "glyph": glyph}
+    return pixels, torch.from_numpy(labels), params
+
+
+def paint(
+    labels: np.ndarray,
+    fg: np.ndarray,
+    bg: np.ndarray,
+    center: np.ndarray,
+    scale: np.ndarray,
+    angle: np.ndarray,
+    freq: np.ndarray,
+    phase: np.ndarray,
+    glyph: np.ndarray,
+    res: int,
+) -> torch.Tensor:
+    """uint8 pixels [n, 3, res, res] of n items from their drawn parameters (class, colours [n, 3] in [0, 1], centre
+    (x, y), scale, angle, texture frequency and phase, glyph pick); the video set paints each frame with it."""
+    n = len(labels)
     t = torch.from_numpy
     grid = (torch.arange(res, dtype=torch.float32) + 0.5) / res  # pixel centres in [0, 1]
     py, px = torch.meshgrid(grid, grid, indexing="ij")
@@ -224,8 +247,7 @@ def _render_chunk(rng: np.random.Generator, n: int, res: int) -> tuple[torch.Ten
     # 7. Composite foreground over background colour, quantise to uint8 like any image data set.
     fg_t, bg_t = t(fg).float()[:, :, None, None], t(bg).float()[:, :, None, None]
     img = bg_t + (fg_t - bg_t) * alpha[:, None]
-    params = {"hue": hue, "center": center, "scale": scale, "angle": angle, "glyph": glyph}
-    return (img * 255).round().clamp(0, 255).to(torch.uint8), lab, params
+    return (img * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 _GLYPHS: torch.Tensor | None = None

@@ -107,6 +107,20 @@ class EnsemblePipeline(DiffusionPipeline):
         return self.router.config.resolution
 
     @property
+    def frames(self) -> int | None:
+        """Frames per clip for a video ensemble; None for images."""
+        return self.router.config.frames
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames is not None
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """One sample's shape in the experts' space: [C, H, W], or [C, F, H, W] for clips."""
+        return (self.channels, *([self.frames] if self.frames else []), self.resolution, self.resolution)
+
+    @property
     def num_classes(self) -> int | None:
         return self.router.config.num_classes
 
@@ -195,7 +209,7 @@ class EnsemblePipeline(DiffusionPipeline):
             from .vae import VaeSpec
 
             vae = VaeSpec.from_dict(self.config["vae"])
-            index["vae"] = ["diffusers", "AutoencoderKL"]
+            index["vae"] = ["diffusers", "AutoencoderKLWan" if vae.is_video else "AutoencoderKL"]
             refs["vae"] = {"id": vae.id, "revision": vae.revision}
         index["_isles"] = refs
         return index
@@ -214,7 +228,8 @@ class EnsemblePipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         decode: bool = True,
     ) -> SampleResult:
-        """n samples (in the data scale, [-1, 1] for pixels); seeded, so the same call gives the same images.
+        """n samples (in the data scale, [-1, 1] for pixels; clips [n, C, F, H, W] from a video ensemble); seeded, so
+        the same call gives the same samples.
 
         A text ensemble takes `prompt`: one string for n samples of it, or a list (one sample per prompt). An
         ensemble of latents returns images decoded by its VAE (`decode=False`: the latents)."""
@@ -244,7 +259,7 @@ class EnsemblePipeline(DiffusionPipeline):
             result = sample_ensemble(
                 fns,
                 route,
-                (n, self.channels, self.resolution, self.resolution),
+                (n, *self.item_shape),
                 steps=steps,
                 routing=routing,
                 class_labels=cond,
@@ -349,6 +364,7 @@ class EnsemblePipeline(DiffusionPipeline):
                 "num_classes": self.num_classes,
                 "channels": self.channels,
                 "resolution": self.resolution,
+                "frames": self.frames,
                 "experts": experts,
                 "router": {"path": "router"},
                 "files": files,

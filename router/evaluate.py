@@ -6,6 +6,9 @@ and a CLIP score when a CLIP model is named.
 
 FID is measured against n held-out real items with a feature network trained on other items (router/features.py);
 the floor is the FID between those n items and n more held-out ones, so every FID comes with what "perfect" scores.
+Video (the procedural video set): the same Frechet distance on a small video classifier's features (an FVD in the
+style of the standard one, router/video_features.py), and the share of clips whose class, colour and motion read back
+as their prompt asked.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class Reference:
     attributes: torch.Tensor | None = None  # procedural: what each caption asks for (class, colour, position, size)
 
     @property
+    def is_video(self) -> bool:
+        return self.pixels.ndim == 5
+
+    @property
     def n(self) -> int:
         return len(self.pixels)
 
@@ -71,16 +78,24 @@ def build_reference(
     cache_dir: Path | None = None,
     device: str = "cpu",
     feature_overrides: dict | None = None,
+    frames: int | None = None,
 ) -> Reference:
-    """The FID reference of a data source at a data shape.
+    """The FID reference of a data source at a data shape (clips of `frames` frames for video models).
 
     procedural[:N[:SEED]]: 2n items of the generator's own held-out stream; the feature network is trained on a third
     stream. Any other source (digits, a folder, hf:...): a fixed half of the data trains the feature network and the
     other half is the reference pool (the evaluated model may have trained on those items: say so when reporting).
     """
-    from isles.experts import procedural
+    from isles.experts import procedural, procedural_video
 
     overrides = dict(feature_overrides or {})
+    if procedural_video.is_procedural_video(source):
+        return _video_reference(source, n, channels, resolution, frames, cache_dir, device, overrides)
+    if frames is not None:
+        raise IslesError(
+            f"the model makes clips of {frames} frames, but {source} holds images",
+            hint="evaluate a video model on a video source: --data procedural-video",
+        )
     if procedural.is_procedural(source):
         _, seed = procedural.parse_spec(source)
         if channels != 3:
@@ -131,6 +146,40 @@ def build_reference(
         other_pixels=pixels[n:],
         captions=None if captions is None else list(captions[:n]),
         attributes=None if attributes is None else attributes[:n],
+    )
+
+
+def _video_reference(source, n, channels, resolution, frames, cache_dir, device, overrides) -> Reference:
+    """2n clips of the procedural video set's held-out stream; the classifier is trained on a third stream."""
+    from isles.experts import procedural_video
+
+    from . import video_features
+
+    if frames is None:
+        raise IslesError(f"{source} holds clips, but the model makes images", hint="evaluate it on an image source")
+    if channels != 3:
+        raise IslesError(f"the procedural video set is RGB but the model makes {channels}-channel clips")
+    _, seed = procedural_video.parse_spec(source)
+    clips, attributes, captions = procedural_video.generate_clips(
+        2 * n, seed=seed, stream="reference", resolution=resolution, frames=frames
+    )
+    spec = video_features.VideoFeatureSpec(frames=frames, resolution=resolution, **overrides)
+    net = video_features.load_or_train(spec, cache_dir=cache_dir, device=device)
+    feats, logits = net.embed_all(metrics.to_model_space(clips))
+    labels = attributes[:, 0]
+    return Reference(
+        source=source,
+        pixels=clips[:n],
+        labels=labels[:n],
+        num_classes=procedural_video.NUM_CLASSES,
+        net=net,
+        features=feats[:n],
+        floor=metrics.fid(feats[:n], feats[n:]),
+        real_accuracy=metrics.class_accuracy(logits[:n], labels[:n]),
+        real_diversity=metrics.diversity(feats[:n]),
+        other_pixels=clips[n:],
+        captions=list(captions[:n]),
+        attributes=attributes[:n],
     )
 
 
@@ -190,9 +239,11 @@ class ModelSampler:
         if self.conditioning == "text":
             cond, null = self._embed(cond)
         clip = None if (self.info.get("data") or {}).get("latent") else 1.0
+        shape = tuple(self.info["shape"]) if self.info.get("shape") else None  # video models: their clip shape
         images = sample_expert(
-            self.model, self.objective, n, steps, cond, guidance_scale, generator, clip_x0=clip, null_cond=null
-        )
+            self.model, self.objective, n, steps, cond, guidance_scale, generator, clip_x0=clip, null_cond=null,
+            shape=shape,
+        )  # fmt: skip
         if self.vae() is not None:
             images = self.vae().decode(images)
         return images.cpu(), float(steps * (2 if guidance_scale != 1.0 and cond is not None else 1))
@@ -269,9 +320,20 @@ def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list
             "expert_calls_per_sample": round(calls / n, 3),
             "steps": config.steps,
         }
-        if config.inception:
+        if config.inception and not reference.is_video:
             row["inception_fid"] = metrics.inception_fid(metrics.to_uint8(x), reference.pixels, config.device)
-        if text and reference.attributes is not None:
+        if reference.is_video:
+            if x.ndim != 5:
+                raise IslesError("the reference holds clips but the model made images", hint="evaluate on images")
+            from .video_features import clip_agreement
+
+            agreement = clip_agreement(reference.net, x, reference.attributes)
+            row["video"] = True
+            row["agreement"] = {k: round(v, 4) for k, v in agreement.items() if isinstance(v, float)}
+            row["agreement_chance"] = {k: round(v, 4) for k, v in agreement["chance"].items()}
+            row["real_agreement"] = round(clip_agreement(reference.net, metrics.to_model_space(reference.pixels),
+                                                         reference.attributes)["all"], 4)  # fmt: skip
+        elif text and reference.attributes is not None:
             from .attributes import attribute_agreement
 
             agreement = attribute_agreement(x, reference.attributes, cache_dir=config.cache_dir)
@@ -320,6 +382,20 @@ def load_sampler(path: str, store: str | None = None, revision: str | None = Non
         f"{path} is neither an ensemble nor a model folder",
         hint="pass a folder with ensemble.json (isles aggregate) or config.json (one expert), or a repo with --store",
     )
+
+
+def sampler_frames(sampler) -> int | None:
+    """Frames per clip of a video sampler; None for images."""
+    if isinstance(sampler, EnsembleSampler):
+        frames = sampler.pipe.frames
+        vae = sampler.pipe.vae() if sampler.pipe.config.get("vae") else None
+    else:
+        shape = sampler.info.get("shape") or []
+        frames = shape[1] if len(shape) == 4 else None
+        vae = sampler.vae()
+    if frames is not None and vae is not None:  # a video VAE decodes f latent frames into 1 + (f - 1) t frames
+        return vae.spec.clip_frames(frames)
+    return frames
 
 
 def sampler_shape(sampler) -> tuple[int, int]:

@@ -75,17 +75,22 @@ class FeatureNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(x)[1]
 
-    @torch.no_grad()
     def embed_all(self, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and logits of many inputs (model space, any device), batched, on the network's device; CPU out."""
-        device = next(self.parameters()).device
-        feats, logits = [], []
-        self.eval()
-        for i in range(0, len(x), batch_size):
-            f, lg = self.features_and_logits(x[i : i + batch_size].to(device, torch.float32))
-            feats.append(f.cpu())
-            logits.append(lg.cpu())
-        return torch.cat(feats), torch.cat(logits)
+        return embed_all(self, x, batch_size)
+
+
+@torch.no_grad()
+def embed_all(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits (`net.features_and_logits`) of many inputs (model space, any device), batched, on the
+    network's device; CPU out."""
+    device = next(net.parameters()).device
+    feats, logits = [], []
+    net.eval()
+    for i in range(0, len(x), batch_size):
+        f, lg = net.features_and_logits(x[i : i + batch_size].to(device, torch.float32))
+        feats.append(f.cpu())
+        logits.append(lg.cpu())
+    return torch.cat(feats), torch.cat(logits)
 
 
 def default_cache_dir() -> Path:

@@ -1,4 +1,5 @@
 """The router: a small timestep- (and class-) conditioned CNN r(x_t, t[, c]) -> K logits over the experts.
+Clips [C, F, H, W] enter with their frames stacked as channels (early fusion): the first convolution sees motion.
 
 It predicts which cluster the clean item of a noisy input came from. Saved as `config.json` + `model.safetensors`.
 """
@@ -32,6 +33,7 @@ class RouterConfig:
     width: int = 32  # channels of the first stage; doubled per downsampling stage
     stages: int = 2
     embed_dim: int = 128
+    frames: int | None = None  # clips: frames per clip (items [C, F, H, W]); None: images
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -72,7 +74,7 @@ class RouterModel(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         # One extra row: the null class, for unconditional sampling from a class-aware router.
         self.class_embed = nn.Embedding(config.num_classes + 1, d) if config.num_classes else None
-        self.stem = nn.Conv2d(config.in_channels, config.width, 3, padding=1)
+        self.stem = nn.Conv2d(config.in_channels * (config.frames or 1), config.width, 3, padding=1)
         blocks, channels = [], config.width
         for stage in range(config.stages):
             out = config.width * (2**stage)
@@ -89,6 +91,8 @@ class RouterModel(nn.Module):
             if class_labels is None:
                 class_labels = torch.full((x_t.shape[0],), self.config.num_classes, device=x_t.device)
             emb = emb + self.class_embed(class_labels.long())
+        if x_t.ndim == 5:  # [B, C, F, H, W] -> [B, C * F, H, W]
+            x_t = x_t.flatten(1, 2)
         h = self.stem(x_t)
         for i, block in enumerate(self.blocks):
             h = block(h, emb)
@@ -139,9 +143,10 @@ ROUTER_PRESETS: dict[str, dict[str, int]] = {
 
 
 def router_config(
-    preset: str, num_experts: int, channels: int, resolution: int, num_classes: int | None
+    preset: str, num_experts: int, channels: int, resolution: int, num_classes: int | None, frames: int | None = None
 ) -> RouterConfig:
-    """The RouterConfig of a named preset for data of this shape (class-aware when num_classes is given)."""
+    """The RouterConfig of a named preset for data of this shape (clips of `frames` frames; class-aware when
+    num_classes is given)."""
     if preset not in ROUTER_PRESETS:
         raise IslesError(f"unknown router preset {preset!r}", hint=f"use one of: {', '.join(ROUTER_PRESETS)}")
     return RouterConfig(
@@ -149,5 +154,6 @@ def router_config(
         in_channels=channels,
         resolution=resolution,
         num_classes=num_classes,
+        frames=frames,
         **ROUTER_PRESETS[preset],
     )

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from isles.protocol.errors import IslesError
+
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor  # uint8 [B, C, H, W]
+    pixels: torch.Tensor  # uint8 [B, C, H, W], or clips [B, C, F, H, W]
     labels: torch.Tensor | None = None  # int64 [B]
     captions: list[str] | None = None
     attributes: torch.Tensor | None = None  # int64 [B, A] (procedural data: what the captions say)
@@ -34,6 +36,7 @@ class SourceBatches:
     report: Any = None  # experts.captioned.StreamReport for streamed sources
     size_hint: int | None = None  # the item count when known in advance (progress bars)
     attribute_names: dict[str, list[str]] | None = None
+    is_video: bool = False  # batches hold clips [B, C, F, H, W]
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.batches())
@@ -41,6 +44,11 @@ class SourceBatches:
     @property
     def skipped(self) -> int:
         return 0 if self.report is None else self.report.skipped_undecodable
+
+    @property
+    def skipped_short(self) -> int:
+        """Videos with under half the frames asked for (skipped; other short ones are padded with their last frame)."""
+        return 0 if self.report is None else self.report.skipped_short
 
     @property
     def skipped_examples(self) -> list[str]:
@@ -56,12 +64,20 @@ class SourceOptions:
     image_column: str | None = None
     caption_column: str | None = None
     limit: int | None = None
+    frames: int | None = None  # video sources: frames per clip (procedural-video's default: 16)
+    fps: float | None = None  # video files: frames sampled per second (default: the file's own rate)
 
 
 def open_batches(options: SourceOptions) -> SourceBatches:
     """The source named by `options.source` as batches of `options.batch` items."""
-    from isles.experts import procedural
+    from isles.experts import procedural, procedural_video
 
+    video = options.frames is not None or procedural_video.is_procedural_video(options.source)
+    if video and not options.captions:
+        raise IslesError("video sources are captioned: isles trains text-to-video", hint="add --conditioning text")
+    if procedural_video.is_procedural_video(options.source):
+        shard, attributes, captions = procedural_video.load_clips(options.source, options.resolution, options.frames)
+        return _in_memory(shard.items, shard.labels, captions, attributes, shard.meta, options, procedural_video)
     if options.captions and procedural.is_procedural(options.source):
         shard, attributes, captions = procedural.load_captioned(options.source, options.resolution)
         return _in_memory(shard.items, shard.labels, captions, attributes, shard.meta, options, procedural)
@@ -87,7 +103,8 @@ def _in_memory(items, labels, captions, attributes, meta, options: SourceOptions
             )
 
     names = procedural_module.attribute_names() if procedural_module is not None and captions is not None else None
-    return SourceBatches(batches, dict(meta), options.source, size_hint=n, attribute_names=names)
+    video = items.ndim == 5
+    return SourceBatches(batches, dict(meta), options.source, size_hint=n, attribute_names=names, is_video=video)
 
 
 def _streamed(options: SourceOptions) -> SourceBatches:
@@ -99,6 +116,8 @@ def _streamed(options: SourceOptions) -> SourceBatches:
         image_column=options.image_column,
         caption_column=options.caption_column,
         limit=options.limit,
+        frames=options.frames,
+        fps=options.fps,
     )
 
     def batches() -> Iterator[Batch]:
@@ -114,4 +133,7 @@ def _streamed(options: SourceOptions) -> SourceBatches:
             yield Batch(torch.stack(pixels), captions=captions)
 
     meta = {"source": options.source, "num_classes": None, "class_names": None}
-    return SourceBatches(batches, meta, stream.description, report=stream.report)
+    if options.frames is not None:
+        meta.update(frames=options.frames, fps=options.fps)
+    video = options.frames is not None
+    return SourceBatches(batches, meta, stream.description, report=stream.report, is_video=video)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from isles.experts.data import to_model_space
+from isles.experts.data import item_layout, to_model_space
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json
 
@@ -61,20 +61,19 @@ class RouterTask:
 
     # --- the trainer's task protocol -----------------------------------------------------------------------------
     def describe(self) -> dict:
-        c, h, _ = self.shards[0].shape
         return {
             "kind": "router",
             "preset": self.preset,
             "num_experts": self.num_experts,
-            "shape": [c, h, h],
+            "shape": list(self.shards[0].shape),
             "num_classes": self.num_classes,
             "label_dropout": self.label_dropout,
             "train_items": len(self._train),
         }
 
     def config(self):
-        c, h, _ = self.shards[0].shape
-        return router_config(self.preset, self.num_experts, c, h, self.num_classes)
+        c, frames, h, _ = item_layout(self.shards[0].shape)
+        return router_config(self.preset, self.num_experts, c, h, self.num_classes, frames)
 
     def build_model(self) -> torch.nn.Module:
         return RouterModel(self.config())

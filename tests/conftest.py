@@ -111,3 +111,17 @@ def save_tiny_vae(folder: Path, **overrides) -> Path:
     }
     AutoencoderKL(**{**config, **overrides}).save_pretrained(folder)
     return folder
+
+
+def save_tiny_video_vae(folder: Path) -> Path:
+    """A small random diffusers AutoencoderKLWan (Wan 2.1's video VAE) saved to `folder`: RGB clips of 1 + 4k frames
+    <-> 4 channels x (1 + 2k) latent frames at a quarter of the side, with per-channel latent statistics as Wan's."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[0.5, 0.7, 1.2, 0.9],
+    ).save_pretrained(folder)  # fmt: skip
+    return folder

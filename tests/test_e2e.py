@@ -90,3 +90,39 @@ def test_text_demo_trains_text_experts_through_the_swarm_and_follows_prompts(tmp
     blue = pipe(prompt="a large blue circle in the center", n=8, steps=20, seed=1, guidance_scale=3.0).images
     redness = lambda x: float((x[:, 0] - x[:, 2]).mean())  # noqa: E731
     assert redness(red) > redness(blue) + 0.3
+
+
+@pytest.mark.timeout(900)
+def test_video_demo_trains_wan_experts_through_the_swarm_and_publishes_clips(tmp_path):
+    """`isles demo --video --quick`: procedural captioned clips, Wan experts on MiniLM caption embeddings, trained by 2
+    volunteer processes; the aggregator verifies each clip expert (config, hashes, held-out loss on clips) and
+    publishes; the demo writes a GIF, an MP4 and a frame sheet of clips for fixed prompts."""
+    from PIL import Image
+
+    work = tmp_path / "demo"
+    proc = subprocess.run(
+        ISLES + ["demo", "--video", "--quick", "--work-dir", str(work), "--json", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["complete"] and summary["rejections"] == []
+    units = {u["unit"]: u for u in summary["units"]}
+    assert sorted(units) == ["expert-0", "expert-1", "router"]
+    assert all(u["state"] == "accepted" and u["val_loss"] < u["threshold"] for u in units.values())
+    with Image.open(summary["clips_gif"]) as gif:
+        assert gif.n_frames == 8
+    assert (work / "samples.png").is_file() and len(summary["prompts"]) == 8
+
+    from diffusers import WanTransformer3DModel
+
+    from isles.router.ensemble import EnsemblePipeline
+
+    ensemble = summary["ensemble"]
+    assert WanTransformer3DModel.load_config(f"{ensemble}/expert_0")["_class_name"] == "WanTransformer3DModel"
+    pipe = EnsemblePipeline.from_pretrained(ensemble, device="cpu")
+    assert pipe.is_video and pipe.frames == 8 and pipe.conditioning == "text"
+    out = pipe(prompt="a red 3 moving right", n=2, steps=4, seed=0, guidance_scale=3.0)
+    assert out.images.shape == (2, 3, 8, 16, 16) and torch.isfinite(out.images).all()

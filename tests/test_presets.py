@@ -15,6 +15,7 @@ from isles.experts.presets import (
     build_model,
     count_parameters,
     is_text_preset,
+    is_video_preset,
     load_model,
     model_forward,
     model_num_classes,
@@ -26,9 +27,13 @@ from isles.protocol.errors import IslesError
 
 # The largest DiTs, PixArts and conditional UNets take GBs to train even on 8x8 inputs: swept with ISLES_FULL_SWEEP=1.
 BIG = {"dit-b-2", "dit-b-4", "dit-l-2", "dit-xl-2", "pixart-b-2", "pixart-xl-2", "unet-cond-base"}
+BIG |= {"wan-base", "wan-1.3b"}
 FULL = os.environ.get("ISLES_FULL_SWEEP") == "1"
 SWEPT = [name for name in PRESETS if (FULL or name not in BIG) and not is_text_preset(name)]
-SWEPT_TEXT = [name for name in PRESETS if (FULL or name not in BIG) and is_text_preset(name)]
+SWEPT_TEXT = [
+    name for name in PRESETS if (FULL or name not in BIG) and is_text_preset(name) and not is_video_preset(name)
+]
+SWEPT_VIDEO = [name for name in PRESETS if (FULL or name not in BIG) and is_video_preset(name)]
 SHAPES = [(1, 8, 10), (3, 16, None)]  # (channels, resolution, num_classes): digits, and unconditional RGB
 TEXT_SHAPES = [(4, 8, 32, 6), (3, 16, 48, 11)]  # (channels, resolution, caption width, tokens): latents, RGB
 
@@ -94,6 +99,37 @@ def test_every_text_preset_builds_trains_round_trips_and_reads_its_caption(name,
         model_forward(model, x, t, torch.tensor([1, 2]))
 
 
+@pytest.mark.parametrize("name", SWEPT_VIDEO)
+def test_every_video_preset_builds_trains_round_trips_and_reads_its_caption(name, tmp_path):
+    # wan-tiny's 2x4x4 patches take pixel clips; the others' 1x2x2 take VAE latents (16 channels in Wan 2.1).
+    channels, frames, resolution = (3, 4, 16) if name == "wan-tiny" else (4, 3, 8)
+    width, tokens = 32, 6
+    torch.manual_seed(0)
+    model = build_model(name, channels, resolution, text_width=width, frames=frames)
+    assert text_width_of(model) == width and model_num_classes(model) is None
+    x = torch.randn(2, channels, frames, resolution, resolution)
+    mask = torch.ones(2, tokens)
+    mask[1, tokens // 2 :] = 0
+    text = TextCondition(torch.randn(2, tokens, width), mask)
+    loss = training_loss("fm", lambda xi, ts: model_forward(model, xi, ts, text), x, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path).eval()  # strictly: every weight of the file, no other
+    model.eval()
+    t = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        out = model_forward(model, x, t, text)
+        assert out.shape == x.shape
+        torch.testing.assert_close(model_forward(loaded, x, t, text), out)
+        assert not torch.allclose(model_forward(model, x, t, TextCondition(torch.randn(2, tokens, width), mask)), out)
+        padded = TextCondition(text.emb.clone(), mask)
+        padded.emb[1, tokens // 2 :] = 100.0  # zeroed like Wan's own pipeline does with padding tokens
+        torch.testing.assert_close(model_forward(model, x, t, padded), out)
+    with pytest.raises(IslesError, match="makes clips"):
+        model_forward(model, x[:, :, 0], t, text)  # an image into a video model
+
+
 def test_text_and_class_presets_refuse_the_other_conditioning():
     with pytest.raises(IslesError, match="text-conditioned preset"):
         build_model("pixart-tiny", 4, 8, num_classes=10)
@@ -129,7 +165,10 @@ def test_flops_are_counted_not_guessed_and_match_the_dit_paper():
 
 def test_every_preset_reports_stats_for_the_papers_latent_shape():
     for name in PRESETS:
-        if is_text_preset(name):
+        if is_video_preset(name):  # Wan 2.1 VAE latents of a 17-frame clip (wan-tiny: its pixel clips)
+            shape = (3, 32, 16) if name == "wan-tiny" else (16, 32, 5)
+            stats = preset_stats(name, shape[0], shape[1], None, 768, 77, shape[2])
+        elif is_text_preset(name):
             stats = preset_stats(name, 4, 32, None, 768, 77)  # CLIP ViT-L/14 token embeddings, as Paris 1.0
         else:
             stats = preset_stats(name, 4, 32, 1000)

@@ -29,14 +29,23 @@ def demo(
     work_dir: Path = typer.Option(
         None, "--work-dir", help="Folder for the store, logs and models (default: a new temp folder)."
     ),
+    video: bool = typer.Option(
+        False,
+        "--video",
+        help="Text-to-video: procedural moving digits and shapes, Wan experts, a GIF of clips per prompt (~1 h).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the partition and every recipe."),
     quiet: bool = typer.Option(False, "--quiet", help="Do not echo the processes' logs."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """The whole system on one machine: every role is its own process talking over a real DHT on 127.0.0.1."""
-    from isles.client.demo import FULL, QUICK, TEXT_FULL, TEXT_QUICK, DemoConfig, run_demo
+    from isles.client.demo import FULL, QUICK, TEXT_FULL, TEXT_QUICK, VIDEO_FULL, VIDEO_QUICK, DemoConfig, run_demo
 
-    if text:
+    if text and video:
+        raise IslesError("pick --text or --video, not both", hint="isles demo --video --quick")
+    if video:
+        recipe = VIDEO_QUICK if quick else VIDEO_FULL
+    elif text:
         recipe = TEXT_QUICK if quick else TEXT_FULL
     else:
         recipe = QUICK if quick else FULL
@@ -85,6 +94,10 @@ def _print_summary(summary: dict) -> None:
     output.stdout.print(f"samples:  {summary.get('samples')}")
     if summary.get("prompt_grid"):
         output.stdout.print(f"prompts:  {summary['prompt_grid']} (one row per prompt)")
+    if summary.get("clips_gif"):
+        output.stdout.print(
+            f"clips:    {summary['clips_gif']} ({summary['clips_mp4']}; frame by frame: {summary['clips_frames']})"
+        )
     output.stdout.print(
         f"store:    {summary.get('store_uri')} repo {summary.get('repo')} rev {summary.get('revision')}"
     )

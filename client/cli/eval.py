@@ -50,7 +50,14 @@ def eval_command(
     from isles.experts.device import pick_device
     from isles.protocol.errors import IslesError
     from isles.protocol.files import atomic_write_json
-    from isles.router.evaluate import EvalConfig, build_reference, evaluate, load_sampler, sampler_shape
+    from isles.router.evaluate import (
+        EvalConfig,
+        build_reference,
+        evaluate,
+        load_sampler,
+        sampler_frames,
+        sampler_shape,
+    )
     from isles.router.sampling import parse_routing
 
     routings = tuple(str(parse_routing(r)) for r in (routing or ["top1", "top2", "full"]))
@@ -70,8 +77,13 @@ def eval_command(
         raise IslesError("the model does not record its data set", hint="pass --data (e.g. --data digits)")
     channels, resolution = sampler_shape(sampler)
     with output.stderr.status(f"reference: {n} held-out items of {source} (may train the feature network once)"):
-        reference = build_reference(source, n, channels, resolution, cache_dir=cache_dir, device=dev)
-    output.stderr.print(f"reference: {reference.n} items of {source}; real-vs-real FID floor {reference.floor:.3f}")
+        reference = build_reference(
+            source, n, channels, resolution, cache_dir=cache_dir, device=dev, frames=sampler_frames(sampler)
+        )
+    metric = "FVD (classifier features)" if reference.is_video else "FID"
+    output.stderr.print(
+        f"reference: {reference.n} items of {source}; real-vs-real {metric} floor {reference.floor:.3f}"
+    )
     rows = evaluate(sampler, reference, config)
     result = {"model": model, "data": source, "rows": rows}
     if json_out is not None:
@@ -90,12 +102,14 @@ def rows_table(rows: list[dict], title: str = ""):
     caption = ""
     if rows:
         r = rows[0]
-        caption = f"n = {r['n']}, {r['steps']} steps; real held-out items: FID floor {_fmt(r['fid_floor'], '.3f')}, "
+        metric = "FVD" if r.get("video") else "FID"
+        caption = f"n = {r['n']}, {r['steps']} steps; real held-out items: {metric} floor "
+        caption += f"{_fmt(r['fid_floor'], '.3f')}, "
         caption += f"accuracy {_fmt(r['real_accuracy'], '.3f')}, diversity {_fmt(r['real_diversity'], '.2f')}"
     table = Table(title=title, caption=caption)
     columns = [
         ("routing", "routing", "s"),
-        ("FID", "fid", ".3f"),
+        ("FVD" if any(r.get("video") for r in rows) else "FID", "fid", ".3f"),
         ("floor", "fid_floor", ".3f"),
         ("accuracy", "accuracy", ".3f"),
         ("diversity", "diversity", ".2f"),
@@ -104,8 +118,9 @@ def rows_table(rows: list[dict], title: str = ""):
     ]
     if any("inception_fid" in r for r in rows):
         columns.insert(3, ("Inception FID", "inception_fid", ".2f"))
-    if any("agreement" in r for r in rows):  # text models on the procedural set
-        for attribute in ("all", "class", "colour", "position", "size"):
+    if any("agreement" in r for r in rows):  # text models on the procedural sets
+        names = [k for k in rows[0]["agreement"] if k != "all"]
+        for attribute in ["all", *names]:
             columns.insert(-2, (f"agree {attribute}", f"agreement.{attribute}", ".3f"))
     if any("clip_score" in r for r in rows):
         columns.insert(-2, ("CLIP score", "clip_score", ".2f"))

@@ -1,8 +1,10 @@
-"""`isles sample MODEL`: images from an ensemble (a local folder or a store repo) as a PNG grid.
+"""`isles sample MODEL`: images from an ensemble (a local folder or a store repo) as a PNG grid; clips from a video
+ensemble as an animated GIF, an MP4 and a PNG sheet of their frames (one row per clip).
 
 `isles sample ./ensemble --class 3 --n 16 --routing top2 --steps 30 --seed 0 --out grid.png --show-routing`
 `isles sample ./ensemble --prompt "a small red 7 at the top left" --guidance 4.5` (text ensembles; --prompts FILE
 gives one labelled row per line)
+`isles sample ./video-ensemble --prompt "a red 3 moving right" --out clips.gif --show-routing`
 """
 
 from __future__ import annotations
@@ -126,7 +128,9 @@ def sample(
         "--guidance",
         help="Guidance scale, per expert (1 = off; default 4.5 with prompts, else 1).",
     ),
-    out: Path = typer.Option(Path("grid.png"), "--out", help="Where to write the PNG grid."),
+    out: Path = typer.Option(
+        Path("grid.png"), "--out", help="Where to write the PNG grid (clips: OUT.gif, OUT.mp4 and OUT-frames.png)."
+    ),
     show_routing: bool = typer.Option(False, "--show-routing", help="Also write OUT-routing.png and print usage."),
     store: str = typer.Option(None, "--store", help="Store holding MODEL as a repo (hf://<namespace> or a folder)."),
     revision: str = typer.Option(None, "--revision", help="Revision of the repo (default: the newest)."),
@@ -158,8 +162,15 @@ def sample(
         pipe = EnsemblePipeline.from_pretrained(
             source, store=the_store, revision=revision, device=device, skip_broken=skip_broken
         )
+    if not pipe.is_video and out.suffix.lower() in (".gif", ".mp4"):
+        raise IslesError(
+            f"this ensemble makes images, not clips: it cannot write {out.name}",
+            hint="write a PNG grid (--out grid.png), or sample a video ensemble",
+        )
+    kind = f"clips of {pipe.frames} frames" if pipe.is_video else "images"
     output.stderr.print(
-        f"ensemble: {pipe.num_experts} experts ({len(pipe.experts)} present), routing {routing_mode}, {steps} steps"
+        f"ensemble: {pipe.num_experts} experts ({len(pipe.experts)} present) making {kind}, routing {routing_mode}, "
+        f"{steps} steps"
     )
     result = pipe(
         n=n,
@@ -184,7 +195,9 @@ def sample(
         latents_path = out.with_suffix(".safetensors")
         atomic_write_bytes(latents_path, save({"latents": result.latents.float().cpu().contiguous()}))
         written["latents"] = str(latents_path)
-    if prompts is not None:  # one labelled row per prompt
+    if pipe.is_video:
+        written.update(_save_clips(result.images, out, asked, n if prompts else None, scale))
+    elif prompts is not None:  # one labelled row per prompt
         save_prompt_grid(result.images, prompts, n, out, scale)
     elif result.latents is not None:
         save_png(image_grid(to_pixels(result.images), scale=scale or max(1, 64 // result.images.shape[-1])), out)
@@ -220,6 +233,21 @@ def sample(
         for i, count in enumerate(written["steps_per_expert"]):
             colour = COLOUR_NAMES[i % len(COLOUR_NAMES)]
             output.stdout.print(f"expert_{i} ({colour} in the strip): served {count} sample-steps")
+
+
+def _save_clips(clips, out: Path, asked, per_prompt: int | None, scale: int) -> dict:
+    """A video ensemble's samples: OUT.gif (a grid of the clips, looping), OUT.mp4 and OUT-frames.png (one row per
+    clip, one column per frame, labelled with its prompt)."""
+    from isles.experts.video_files import save_clip_grid_gif, save_clip_grid_mp4, save_frame_sheet
+
+    base = out.with_suffix("") if out.suffix.lower() in (".png", ".gif", ".mp4") else out
+    gif, mp4, sheet = base.with_suffix(".gif"), base.with_suffix(".mp4"), base.with_name(base.name + "-frames.png")
+    nrow = per_prompt or min(4, len(clips))
+    save_clip_grid_gif(clips, gif, nrow=nrow, scale=scale)
+    save_clip_grid_mp4(clips, mp4, nrow=nrow, scale=scale)
+    labels = [asked] * len(clips) if isinstance(asked, str) else list(asked) if asked else None
+    save_frame_sheet(clips, sheet, scale=max(1, scale // 2), labels=labels, max_clips=len(clips))
+    return {"grid": str(gif), "gif": str(gif), "mp4": str(mp4), "frames": str(sheet)}
 
 
 def _quiet_diffusers() -> None:
