@@ -65,12 +65,29 @@ PRESETS: dict[str, Preset] = {
         Preset("unet-cond-base", "unet-cond", base=128, mults=(1, 2, 2, 2), layers_per_block=2, note="text"),
         # Text-to-video (Paris 2.0): Wan 2.1's transformer. Token count, not parameters, sets the cost: the tiny preset
         # cuts 16x32x32 pixel clips into 2x4x4 patches (512 tokens); the others use Wan's 1x2x2 on VAE latents.
-        Preset("wan-tiny", "wan", layers=4, heads=4, head_dim=32, patch=4, patch_frames=2, ffn_dim=256,
-               note="video; ~1M params, trains on a CPU"),
+        Preset(
+            "wan-tiny",
+            "wan",
+            layers=4,
+            heads=4,
+            head_dim=32,
+            patch=4,
+            patch_frames=2,
+            ffn_dim=256,
+            note="video; ~1M params, trains on a CPU",
+        ),
         Preset("wan-small", "wan", layers=12, heads=6, head_dim=64, patch=2, ffn_dim=1536, note="video"),
         Preset("wan-base", "wan", layers=20, heads=12, head_dim=64, patch=2, ffn_dim=3072, note="video"),
-        Preset("wan-1.3b", "wan", layers=30, heads=12, head_dim=128, patch=2, ffn_dim=8960,
-               note="video; Wan 2.1 T2V-1.3B, a 24-48 GB GPU"),
+        Preset(
+            "wan-1.3b",
+            "wan",
+            layers=30,
+            heads=12,
+            head_dim=128,
+            patch=2,
+            ffn_dim=8960,
+            note="video; Wan 2.1 T2V-1.3B, a 24-48 GB GPU",
+        ),
     ]
 }
 TEXT_FAMILIES = ("pixart", "unet-cond", "wan")

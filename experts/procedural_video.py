@@ -100,7 +100,12 @@ def _render_chunk(rng: np.random.Generator, n: int, res: int, frames: int) -> tu
     keep = slice(0, n)
     labels, motion, hue, sat, val, bg = labels[keep], motion[keep], hue[keep], sat[keep], val[keep], bg[keep]
     scale, angle, glyph, start, across, bounce_phase = (
-        scale[keep], angle[keep], glyph[keep], start[keep], across[keep], bounce_phase[keep]
+        scale[keep],
+        angle[keep],
+        glyph[keep],
+        start[keep],
+        across[keep],
+        bounce_phase[keep],
     )
     # 2. Each frame's parameters: u runs from 0 (first frame) to 1 (last).
     u = np.linspace(0.0, 1.0, frames)[None, :]  # [1, F]

@@ -51,9 +51,7 @@ def save_clip_grid_gif(
     """An animated GIF (looping) of the clips side by side."""
     frames = clip_grid_frames(clips, nrow, scale)
     buffer = io.BytesIO()
-    frames[0].save(
-        buffer, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0
-    )
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -85,9 +85,21 @@ def video_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("video-run")
     result = partition(
         PartitionConfig(
-            source="procedural-video:80", experts=2, out=tmp / "run", resolution=16, frames=8, conditioning="text",
-            text_encoder="minilm", text_max_length=16, preset="wan-tiny", steps=6, global_batch=8, warmup_steps=2,
-            router_preset="cnn-tiny", router_steps=6, router_batch=8,
+            source="procedural-video:80",
+            experts=2,
+            out=tmp / "run",
+            resolution=16,
+            frames=8,
+            conditioning="text",
+            text_encoder="minilm",
+            text_max_length=16,
+            preset="wan-tiny",
+            steps=6,
+            global_batch=8,
+            warmup_steps=2,
+            router_preset="cnn-tiny",
+            router_steps=6,
+            router_batch=8,
         )  # fmt: skip
     )
     refs = result.manifest.shards
@@ -331,9 +343,22 @@ def test_video_latents_through_wan_vae_train_and_decode_to_clips(tmp_path):
         codec.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     result = partition(
         PartitionConfig(
-            source="procedural-video:24", experts=2, out=tmp_path / "run", resolution=32, frames=9, vae=str(vae),
-            conditioning="text", text_encoder="minilm", text_max_length=16, preset="wan-small", steps=3,
-            global_batch=4, warmup_steps=1, router_preset="cnn-tiny", router_steps=3, router_batch=4,
+            source="procedural-video:24",
+            experts=2,
+            out=tmp_path / "run",
+            resolution=32,
+            frames=9,
+            vae=str(vae),
+            conditioning="text",
+            text_encoder="minilm",
+            text_max_length=16,
+            preset="wan-small",
+            steps=3,
+            global_batch=4,
+            warmup_steps=1,
+            router_preset="cnn-tiny",
+            router_steps=3,
+            router_batch=4,
         )  # fmt: skip
     )
     m = result.manifest
@@ -374,3 +399,26 @@ def test_wan_expert_stops_and_resumes_bit_identically(video_run, tmp_path):
     for key in ("model", "ema"):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+
+
+def test_iso_flop_video_quick_compares_clip_ensembles_at_equal_flops(tmp_path):
+    """benchmarks/iso_flop.py --video --quick: the monolith and the ensemble of Wan experts train on equal FLOPs; every
+    configuration gets an FVD-style distance and content/motion read-back; the table says FVD."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "iso_flop.py"
+    args = [sys.executable, str(script), "--video", "--quick", "--out", str(tmp_path), "--threads", "1"]
+    proc = subprocess.run(
+        args + ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--text-encoder", "minilm"],
+        capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "iso_flop_video_quick.json").read_text())
+    budget = result["monolith"]["train_flops"]
+    for name in ("monolith", "top1", "top2", "full", "hetero", "random_shards"):
+        assert abs(result[name]["train_flops"] - budget) <= 0.05 * budget, name  # iso-FLOP, router included
+        assert result[name]["fid_mean"] > result["fid_floor"]
+    row = result["per_seed"][0]["rows"]["top1"]
+    assert set(row["agreement"]) == {"class", "colour", "motion", "all"}
+    assert "| configuration | routing | FVD" in (tmp_path / "iso_flop_video_quick.md").read_text()
