@@ -149,7 +149,9 @@ class Child:
 
 def _child_env() -> dict:
     # Several trainers share the cores: one thread each avoids oversubscription; no stdout buffering so logs stream.
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    # ISLES_DIE_WITH_PARENT: a demo killed outright (kill -9) takes its roles, and theirs, with it.
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    return {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1", "ISLES_DIE_WITH_PARENT": "1"}
 
 
 def _wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path, stop: threading.Event):

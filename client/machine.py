@@ -102,15 +102,20 @@ def _device_memory(device: str) -> tuple[str, int]:
 
 
 def param_count(
-    preset: str, channels: int, resolution: int, num_classes: int | None, text_width: int | None = None
+    preset: str,
+    channels: int,
+    resolution: int,
+    num_classes: int | None,
+    text_width: int | None = None,
+    frames: int | None = None,
 ) -> int:
-    """Parameters of a preset at a data shape, counted on the meta device (no memory, no time)."""
+    """Parameters of a preset at a data shape (clips: `frames` per clip), counted on the meta device."""
     import torch
 
     from isles.experts.presets import build_model
 
     with torch.device("meta"):
-        model = build_model(preset, channels, resolution, num_classes, text_width)
+        model = build_model(preset, channels, resolution, num_classes, text_width, frames)
     return sum(p.numel() for p in model.parameters())
 
 

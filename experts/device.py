@@ -28,20 +28,33 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 autocast on CUDA GPUs that support it ("auto" or "bf16"); None means plain float32.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
-    CPU and MPS train in float32: bf16 autocast there is slower or unsupported for many ops.
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype the trainer uses; None means plain float32.
+
+    "auto": bf16 on CUDA GPUs with native bf16 (compute capability 8.0+: A100, H100, RTX 30xx/40xx); fp16 on older
+    CUDA GPUs (T4, V100, GTX 16xx, RTX 20xx), where the trainer adds a gradient scaler (`needs_grad_scaler`); fp32 on
+    CPU and MPS, where autocast is slower or unsupported for many ops. "bf16" / "fp16" / "fp32" force one.
     """
-    if precision not in ("auto", "bf16", "fp32"):
-        raise IslesError(f"unknown precision {precision!r}", hint="use auto, bf16 or fp32")
+    if precision not in PRECISIONS:
+        raise IslesError(f"unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if precision == "bf16":
-        raise IslesError(f"bf16 is not supported on {device}", hint="use --precision fp32")
-    return None
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if precision == "bf16" and (device.type == "mps" or (device.type == "cuda" and not native_bf16)):
+        raise IslesError(f"bf16 is not supported natively on {device}", hint="use --precision fp16 (or auto)")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none."""
+    return dtype == torch.float16
 
 
 def describe_device(device: torch.device) -> dict:

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from isles.protocol.artifacts import install_folder
 from isles.protocol.errors import IslesError
 
 from . import checkpoints
-from .device import autocast_dtype, describe_device, pick_device, synchronize
+from .device import autocast_dtype, describe_device, needs_grad_scaler, pick_device, synchronize
+from .distributed import World
 
 log = logging.getLogger("isles.trainer")
 
@@ -176,13 +178,16 @@ def train(
     every step (e.g. a lost lease) and stops with a checkpoint; stop_at_step stops there (tests, time slices).
     """
     device = device if isinstance(device, torch.device) else pick_device(device)
+    # Under torchrun, this rank trains its slice of every global batch (experts/distributed.py).
+    world = World.current()
+    span = world.span(recipe.global_batch)
     amp_dtype = autocast_dtype(device, precision)
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if micro_batch is not None and micro_batch < 1:
         raise IslesError(f"micro-batch must be at least 1 (got {micro_batch})")
     micro = min(micro_batch or recipe.global_batch, recipe.global_batch)
-    auto_micro = micro_batch is None and device.type != "cpu"
+    auto_micro = micro_batch is None  # halved on out-of-memory; a micro-batch the user set is kept
 
     # 1. Build everything from the seed, then overwrite it from the newest checkpoint if there is one.
     torch.manual_seed(recipe.seed)
@@ -192,6 +197,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(recipe.warmup_steps))
+    # fp16 autocast: the loss is scaled up so small gradients survive fp16, steps with inf/nan gradients are skipped
+    # and the scale backed off. Disabled (every call a pass-through) for bf16 and fp32.
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype))
     generator = torch.Generator().manual_seed(recipe.seed)
     order = _Order(task.train_size(), recipe.seed)
     step, cursor, elapsed, recent_loss = 0, 0, 0.0, None
@@ -205,6 +213,8 @@ def train(
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler.is_enabled() and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -218,8 +228,10 @@ def train(
     flops_per_sample = getattr(task, "flops_per_sample", lambda: None)()
     last_ckpt: Path | None = latest
 
-    def save() -> Path:
+    def save() -> Path | None:
         nonlocal last_ckpt
+        if not world.leader:  # one writer: the other ranks hold the very same state
+            return None
         state = {
             "format": "isles-train-1",
             "step": step,
@@ -235,6 +247,8 @@ def train(
             "generator": generator.get_state(),
             "rng": _rng_state(),
         }
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
         last_ckpt = checkpoints.write_checkpoint(ckpt_dir, step, state)
         checkpoints.prune_checkpoints(ckpt_dir, recipe.keep_checkpoints)
         if on_checkpoint is not None:
@@ -251,7 +265,7 @@ def train(
     phase = "idle"  # "batch": data drawn, weights untouched; "update": weights changing (not checkpointable)
     try:
         while step < target:
-            if should_stop is not None and should_stop():
+            if world.any(should_stop is not None and should_stop(), device):
                 stopped = True
                 break
             generator_before = generator.get_state()
@@ -260,7 +274,9 @@ def train(
             batch = task.make_batch(indices, generator)
             while True:
                 try:
-                    step_loss = _accumulate(task, model, batch, recipe.global_batch, micro, device, amp_dtype)
+                    step_loss = _accumulate(
+                        task, model, batch, recipe.global_batch, micro, device, amp_dtype, scaler, span
+                    )
                     break
                 except torch.OutOfMemoryError:
                     if not auto_micro or micro == 1:
@@ -281,11 +297,16 @@ def train(
                         hint="pass a smaller --micro-batch or pick a smaller preset",
                     ) from None
             phase = "update"
+            world.sum_([p.grad for p in params if p.grad is not None] + [step_loss])  # data parallel: sum the slices
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             if recipe.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), skipped when fp16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # after a skipped fp16 step torch warns; the schedule counts steps anyway
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, model_params, 1.0 - _ema_decay(recipe.ema_decay, step))
             step += 1
@@ -298,7 +319,7 @@ def train(
                 now = time.monotonic()
                 rate = (step - report_step) * recipe.global_batch / max(now - report_start, 1e-9)
                 eta = (recipe.steps - step) * recipe.global_batch / max(rate, 1e-9)
-                if progress is not None:
+                if progress is not None and world.leader:
                     progress(Progress(step, recipe.steps, recent_loss, rate, eta, scheduler.get_last_lr()[0]))
                 report_start, report_step, loss_sum = now, step, torch.zeros((), device=device)
             due_steps = recipe.checkpoint_every_steps and step % recipe.checkpoint_every_steps == 0
@@ -338,7 +359,7 @@ def train(
         metrics["train_flops_per_sample"] = int(flops_per_sample)
         metrics["train_flops"] = int(flops_per_sample) * cursor
     export_dir = None
-    if completed and export:
+    if completed and export and world.leader:
         metrics.update(task.validate(ema, device))
         # Exported beside, then swapped in: a crash mid-export never leaves a half-written model/ to be published.
         export_dir, staging = out_dir / "model", out_dir / ".model.partial"
@@ -348,16 +369,19 @@ def train(
     return TrainResult(completed=completed, step=step, checkpoint=last_ckpt, export_dir=export_dir, metrics=metrics)
 
 
-def _accumulate(task, model, batch, global_batch, micro, device, amp_dtype) -> torch.Tensor:
-    """Forward/backward the global batch in micro-batches; gradients sum to those of the global mean loss."""
+def _accumulate(task, model, batch, global_batch, micro, device, amp_dtype, scaler=None, span=None) -> torch.Tensor:
+    """Forward/backward the global batch (or this rank's `span` of it) in micro-batches; gradients sum to those of
+    the global mean loss (over the ranks, once they are summed)."""
     total = torch.zeros((), device=device)
-    for start in range(0, global_batch, micro):
-        stop = min(start + micro, global_batch)
+    first, last = span or (0, global_batch)
+    for start in range(first, last, micro):
+        stop = min(start + micro, last)
         piece = _to_device(batch, start, stop, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = task.loss(model, piece)
         weight = (stop - start) / global_batch
-        (loss * weight).backward()
+        scaled = loss * weight
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach().float() * weight
     return total
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydantic.v1 as pydantic
 
-from . import keys
+from . import keys, witness
 from .errors import IslesError
 from .identity import Identity, ephemeral_identity, load_identity
 from .records import (
@@ -88,6 +88,7 @@ def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]
         keys.REJECTIONS: signed(Rejection),
     }
     for unit in units:
+        annotations[f"{witness.FIELD}_{unit}"] = signed(witness.VerifiedCheckpoint)
         annotations[keys.run_field(keys.CLAIMS, unit)] = signed(Claim)
         annotations[keys.run_field(keys.CHECKPOINTS, unit)] = signed(CheckpointPointer)
         annotations[keys.run_field(keys.RELEASES, unit)] = signed(Release)
@@ -141,7 +142,7 @@ class DHTNode:
     def __init__(self, dht, identity: Identity, config: DHTConfig):
         self.dht, self.identity, self.config = dht, identity, config
         self.peer_id: str = dht.peer_id.to_base58()
-        self._runs: set[str] = set()
+        self.manifests: dict[str, RunManifest] = {}  # the runs registered: their manifests (the run authority)
         # hivemind.DHT talks to its process over one pipe, which is not thread-safe: heartbeat threads and the main
         # loop share this peer, so requests are sent under a lock and awaited outside it.
         self._send_lock = threading.Lock()
@@ -166,13 +167,13 @@ class DHTNode:
 
         Takes the manifest, not just its id: a schema registered without the units would leave every per-unit key
         (claims, checkpoints, releases) unchecked, and a run is registered only once."""
-        if manifest.run_id in self._runs:
+        if manifest.run_id in self.manifests:
             return
         from functools import partial
 
         validator = make_run_validator(manifest.run_id, tuple(manifest.units))
         self.run_coroutine(partial(_add_validators, validators=[validator]))
-        self._runs.add(manifest.run_id)
+        self.manifests[manifest.run_id] = manifest
 
     def visible_maddrs(self) -> list[str]:
         from hivemind.dht.dht import DHT
@@ -244,7 +245,12 @@ def open_dht(config: DHTConfig) -> DHTNode:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return DHTNode(dht, identity, config)
+        identity.forget_key_file()  # a throwaway key file: the daemon has read it (or failed to)
+    node = DHTNode(dht, identity, config)
+    if node.peer_id != identity.peer_id:  # readers bind records to the peer id of their signing key
+        node.shutdown()
+        raise IslesError(f"the p2p daemon took peer id {node.peer_id}, not {identity.peer_id} of our signing key")
+    return node
 
 
 def _quiet_hivemind_logs() -> None:
@@ -287,7 +293,13 @@ def _daemon_error(exc: Exception, identity: Identity, config: DHTConfig) -> Isle
         return unreachable_error(config.initial_peers)
     if "failed to start" in text:
         return IslesError(
-            f"the p2p daemon did not start in {config.startup_timeout:.0f} s",
-            hint="the machine may be overloaded: retry, or raise --startup-timeout",
+            f"the p2p daemon (p2pd, hivemind's libp2p daemon) did not start in {config.startup_timeout:.0f} s",
+            hint=(
+                "check, in order:\n"
+                f"  1. a busy machine: run again with --startup-timeout {max(120, 4 * config.startup_timeout):.0f};\n"
+                "  2. the daemon runs here: `isles doctor` starts one and says what failed;\n"
+                "  3. hivemind's install is whole: pip install --force-reinstall hivemind==1.1.12;\n"
+                "  4. /tmp is writable and not full (the daemon's control socket lives there)."
+            ),
         )
     return IslesError(f"the p2p daemon failed: {text}", hint=f"check --host-maddrs {' '.join(config.host_maddrs)}")

@@ -76,6 +76,8 @@ class HubServer:
         self.tamper: set[str] = set()  # file paths whose downloads get one byte flipped
         self.requests: list[str] = []  # "METHOD /path" of every request, in order
         self.token: str | None = None  # when set, writes without "Authorization: Bearer <token>" get 401
+        # whoami answers by token; any other "hf_<user>_..." token is a write token of <user>
+        self.accounts: dict[str, dict] = {}
         self.cut_downloads = 0  # this many file downloads send 7/8 of their body, then close the connection
         self.ranges: list[str] = []  # Range headers of file downloads (a resumed download asks for the rest)
         self.lock = threading.RLock()
@@ -211,6 +213,8 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
         def _route(self, method: str, path: str, query: dict, body: bytes) -> None:
             if method == "POST" and path == "/api/repos/create":
                 return self._create(json.loads(body))
+            if method == "GET" and path == "/api/whoami-v2":
+                return self._whoami()
             if method == "POST" and path == "/api/validate-yaml":  # asked before committing a README with metadata
                 return self._json({"errors": [], "warnings": []})
             if method == "PUT" and path.startswith("/lfs-upload/"):
@@ -243,6 +247,15 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     return self._json({"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}],
                                        "tags": [], "converts": []})  # fmt: skip
             raise _Reject(404, f"no route for {method} {path}")
+
+        def _whoami(self) -> None:
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if token in server.accounts:
+                return self._json(server.accounts[token])
+            parts = token.split("_")
+            if len(parts) < 3 or parts[0] != "hf":
+                raise _Reject(401, "Invalid credentials in Authorization header")
+            self._json({"type": "user", "name": parts[1], "orgs": [], "auth": {"accessToken": {"role": "write"}}})
 
         def _create(self, payload: dict) -> None:
             kind = payload.get("type") or "model"

@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app; known failures become `Error:` + `Hint:` and exit code 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ISLES_DEBUG") == "1"
+    from isles.client.lifetime import children_die_with_me, die_with_parent
+
+    children_die_with_me()  # a killed command (kill -9, the OOM killer) leaves no DHT process or p2p daemon behind
+    if os.environ.get("ISLES_DIE_WITH_PARENT") == "1":  # started by another isles process (the demo's roles)
+        die_with_parent()
     _register_commands()
     command = typer.main.get_command(app)
     try:

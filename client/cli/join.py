@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -45,7 +47,11 @@ def join(
     host_maddrs: options.HostMaddrs = None,
     announce_maddrs: options.AnnounceMaddrs = None,
     startup_timeout: options.StartupTimeout = 30.0,
+    contact_timeout: float = typer.Option(
+        120.0, "--contact-timeout", min=0.0, help="Seconds to keep retrying unreachable --peers (0: try once)."
+    ),
     micro_batch: int = typer.Option(None, "--micro-batch", min=1, help="Items per forward pass (default: auto)."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Train each unit data-parallel on N GPUs (under torchrun)."),
     plain: bool = typer.Option(None, "--plain/--live", help="Plain log lines or the live panel (default: by tty)."),
     as_json: options.Json = False,
 ) -> None:
@@ -54,7 +60,9 @@ def join(
     Ctrl-C or SIGTERM hands the current unit back cleanly (checkpoint, push, withdraw) and exits 0.
     """
     from isles.client.handoff import StopSignals
-    from isles.client.join import JoinConfig, Volunteer
+    from isles.client.join import JoinConfig
+    from isles.client.join_ranks import run_ranks
+    from isles.experts.distributed import exec_torchrun
 
     options.lease_settings(lease_ttl, heartbeat_period, settle_period)  # bad periods: one clear error line
     config = JoinConfig(
@@ -71,9 +79,14 @@ def join(
         name=name,
         plain=plain,
         micro_batch=micro_batch,
+        contact_timeout=contact_timeout,
     )
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        exec_torchrun(gpus, sys.argv[1:])  # does not return: each rank runs this command again under torchrun
     with StopSignals() as signals:
-        outcomes = Volunteer(config, output.stderr, stop=signals.event).run()
+        outcomes = run_ranks(config, output.stderr, signals.event)
+    if outcomes is None:  # a follower rank of --gpus N: rank 0 reports
+        return
     if signals.received:
         output.stderr.print(f"{signals.received}: handed back cleanly.")
     if as_json:

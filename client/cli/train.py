@@ -6,6 +6,8 @@ Run `isles train-expert --data digits --preset tiny --steps 2000 --out runs/digi
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -33,8 +35,15 @@ def train_expert(
     ),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="Items per forward pass (default: auto)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps (default: the best present)."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA), bf16 or fp32."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (bf16 on newer GPUs, fp16 + grad scaler on older ones, else fp32), bf16, fp16, fp32.",
+    ),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    gpus: int = typer.Option(
+        1, "--gpus", min=1, help="Data parallel over N GPUs (N processes under torchrun; gloo processes on CPU)."
+    ),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Checkpoint every N steps."),
     checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes", help="... and at least every M minutes."),
     grid: str | None = typer.Option(None, "--grid", help="After training, save a PNG grid of samples here."),
@@ -45,12 +54,23 @@ def train_expert(
 
     from isles.experts.conditioning import TextCondition
     from isles.experts.data import load_data
+    from isles.experts.distributed import exec_torchrun, init_from_env, local_device
     from isles.experts.expert import ExpertTask, sample_expert, save_grid
     from isles.experts.trainer import TrainRecipe, train
     from isles.protocol.files import sha256_file
 
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        exec_torchrun(gpus, sys.argv[1:])  # does not return: each rank runs this command again under torchrun
     if threads:
         torch.set_num_threads(threads)  # several trainers on one machine: one thread each avoids thrashing
+    device = local_device(device or "auto")  # each rank its own GPU under torchrun
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    world = init_from_env("cuda" if cuda else "cpu")
+    if world.size > 1:
+        from isles.client.lifetime import die_with_parent
+
+        die_with_parent()  # a killed torchrun takes its ranks along
+    device = None if device == "auto" else device
     recipe = TrainRecipe(
         steps=steps,
         global_batch=batch,
@@ -88,6 +108,8 @@ def train_expert(
         result = train(
             task, recipe, out, device=device, micro_batch=micro_batch, precision=precision, progress=on_progress
         )
+    if not world.leader:
+        return  # rank 0 exports, samples and reports
 
     summary = {
         "completed": result.completed,
