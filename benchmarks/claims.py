@@ -24,7 +24,12 @@ LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
 
 def bench_manifest(shards: int) -> RunManifest:
+    from isles.protocol.identity import ephemeral_identity
+
+    owner = ephemeral_identity()
+    owner.forget_key_file()
     return RunManifest.create(
+        signer=owner,
         name=f"claims-bench-{shards}-{time.time_ns()}",
         dataset="none",
         store="/tmp/isles-claims-bench",

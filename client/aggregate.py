@@ -1,10 +1,12 @@
 """The aggregator behind `isles aggregate`: verify every release of a run, keep one per unit, publish the ensemble.
 
-A release is accepted when its files match their sha256, its config matches the manifest's recipe, its weights are
-finite, and its loss on the shard's held-out split is below the manifest's `eval.max_val_loss_fraction` of an untrained
-model's (the router: `max_router_loss_fraction` of an untrained router's cross-entropy); a reported val loss that
-disagrees with ours by more than `eval.val_loss_tolerance` (a fraction) is refused too. Everything is deterministic
-(fixed noise, CPU), so a restarted aggregator rebuilds the same state from the DHT and the store: the same revision.
+A release is accepted when its files (no larger than the recipe's model allows) match their sha256, its config is the
+manifest's recipe exactly (every key), its weights are finite, and its loss on the shard's held-out split is below
+the manifest's `eval.max_val_loss_fraction` of an untrained model's (the router: `max_router_loss_fraction` of an
+untrained router's cross-entropy); a reported val loss that disagrees with ours by more than
+`eval.val_loss_tolerance` (a fraction) is refused too. Everything is deterministic (fixed noise, CPU), and judgments
+persist in the work folder (client/judgments.py), so a restarted aggregator rebuilds the same state from the DHT and
+the store, the same revision, without judging a rejected release again.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import logging
 import math
 import shutil
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
-from isles.protocol.installation import default_work_dir, isles_version
+from isles.protocol.installation import default_work_dir
 
+from .checkpoint_witness import CheckpointWitness
+from .judgments import ACCEPTED, Judgments
+from .model_card import SAMPLES_FILE, model_card
+from .release_checks import RecipeChecks, non_finite
 from .run_access import pull_shard, shard_stores
 
 log = logging.getLogger("isles.aggregate")
@@ -29,8 +36,10 @@ REQUIRED = {
     "expert": ("config.json", "diffusion_pytorch_model.safetensors"),
     "router": ("config.json", "model.safetensors"),
 }
-SAMPLES_FILE = "samples.png"
 PROVENANCE_FILE = "releases.json"
+# A peer with this many rejected releases is judged no more in this run: a flood of fake releases costs the
+# aggregator this many downloads per key, not one per record.
+MAX_REJECTED_PER_PEER = 8
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,10 @@ class AggregateConfig:
     run_timeout: float = 60.0
     sample_steps: int = 30
     summary: Path | None = None  # write the summary JSON here after every publish
+    # Pushed checkpoints are verified by replaying the segment since the holder's previous one: exact on a CPU, so
+    # this allows for volunteers on other hardware (a fraction of the segment's update; noise-trained: ~1).
+    replay_tolerance: float = 0.01
+    replay_fraction: float = 0.1  # share of checkpoints replayed (each costs a checkpoint period of training)
 
 
 @dataclass
@@ -96,6 +109,10 @@ class Aggregator:
         self._shards: dict[int, object] = {}
         self._tasks: dict[str, tuple] = {}
         self.shard_stores = shard_stores(manifest.store, store, config.token)
+        self.judgments = Judgments(self.work)
+        self.checks = RecipeChecks(manifest)
+        self._rejected_of: Counter[str] = Counter()  # signer's peer id -> releases of it rejected
+        self._rejected_content: dict[tuple[str, str], str] = {}  # (repo, revision) -> why it was rejected
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -103,9 +120,22 @@ class Aggregator:
         """Judge every new release; publish a new ensemble revision if the verified set grew. True if it did."""
         grew = False
         for unit in self.manifest.units:
-            for release in self.swarm.get_releases(self.manifest.run_id, unit):  # oldest first
+            releases = self.judgments.in_observed_order(self.swarm.get_releases(self.manifest.run_id, unit))
+            for release in releases:  # in the order this aggregator first saw them
                 key = release_key(release)
                 if key in self.judged:
+                    continue
+                if (reason := self.judgments.rejected(release)) is not None:  # judged before a restart
+                    self.judged[key] = reason
+                    self._rejected_of[release.token.owner] += 1
+                    continue
+                if self._rejected_of[release.token.owner] >= MAX_REJECTED_PER_PEER:  # a flood: judged no more
+                    self.judged[key] = f"ignored: {MAX_REJECTED_PER_PEER} releases of this peer were rejected"
+                    continue
+                if (reason := self._rejected_content.get((release.repo, release.revision))) is not None:
+                    self.judged[key] = reason  # the same files under another record: the same verdict, no download
+                    self._rejected_of[release.token.owner] += 1
+                    self._reject(release, reason)
                     continue
                 if unit in self.accepted:
                     self.judged[key] = "duplicate"
@@ -118,7 +148,8 @@ class Aggregator:
                     break
                 if verdict.ok:
                     self.accepted[unit] = Accepted(release, verdict)
-                    self.judged[key] = "accepted"
+                    self.judged[key] = ACCEPTED
+                    self.judgments.record(release, ACCEPTED)
                     grew = True
                     log.info(
                         "%s: accepted %s@%s (val loss %.4f < %.4f)",
@@ -130,6 +161,10 @@ class Aggregator:
                     )
                 else:
                     self.judged[key] = verdict.reason
+                    self._rejected_of[release.token.owner] += 1
+                    self._rejected_content[(release.repo, release.revision)] = verdict.reason
+                    self.judgments.record(release, verdict.reason)
+                    shutil.rmtree(self._release_folder(release), ignore_errors=True)  # keep nothing rejected
                     self._reject(release, verdict.reason)
         if grew and "router" in self.accepted and len(self.accepted) > 1:  # a router alone makes no ensemble
             self.publish()
@@ -169,7 +204,7 @@ class Aggregator:
     # -- verification --------------------------------------------------------------------------------------------
 
     def verify(self, unit: str, release) -> Verdict:
-        from isles.protocol.artifacts import IntegrityError, StoreUnavailable
+        from isles.protocol.artifacts import IntegrityError, StoreUnavailable, TooLarge
 
         m, kind = self.manifest, unit_kind(unit)
         if release.run_id != m.run_id or release.unit != unit or release.token.unit != unit:
@@ -177,10 +212,12 @@ class Aggregator:
         missing = [p for p in REQUIRED[kind] if p not in release.files]
         if missing:
             return Verdict(False, f"release lacks {', '.join(missing)}")
-        folder = self.work / "releases" / unit / release.revision
+        folder = self._release_folder(release)
         expected = {p: h for p, h in release.files.items() if p.endswith((".json", ".safetensors"))}
         try:
-            self.store.pull(release.repo, release.revision, folder, expected)
+            self.store.pull(release.repo, release.revision, folder, expected, max_bytes=self.checks.max_bytes(unit))
+        except TooLarge as exc:
+            return Verdict(False, f"release too large: {exc.message}")
         except IntegrityError as exc:
             return Verdict(False, f"files do not match their hashes: {exc.message}")
         except StoreUnavailable as exc:
@@ -192,7 +229,7 @@ class Aggregator:
         except StoreUnavailable as exc:
             return Verdict(False, f"the store is unreachable: {exc.message}", retry=True)
         try:
-            problem = self._check_config(unit, folder) or _non_finite(folder, REQUIRED[kind][1])
+            problem = self._check_config(unit, folder) or non_finite(folder, REQUIRED[kind][1])
             if problem:
                 return Verdict(False, problem, folder=folder)
             import torch
@@ -225,46 +262,18 @@ class Aggregator:
             )
         return Verdict(True, "", val_loss, threshold, folder)
 
+    def _release_folder(self, release) -> Path:
+        return self.work / "releases" / release.unit / release.revision
+
     def _fraction(self, kind: str) -> float:
         ev = self.manifest.eval
         return ev.max_router_loss_fraction if kind == "router" else ev.max_val_loss_fraction
 
+    def _recipe_model(self, unit: str):
+        return self.checks.recipe_model(unit)
+
     def _check_config(self, unit: str, folder: Path) -> str | None:
-        m = self.manifest
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            return f"config.json is unreadable: {exc}"
-        if unit == "router":
-            from dataclasses import asdict
-
-            from isles.router.model import router_config
-
-            r = m.router
-            c, res = m.experts[0].channels, m.experts[0].resolution
-            num_classes = m.experts[0].num_classes if r.class_conditional else None
-            expected = asdict(router_config(r.preset, len(m.shards), c, res, num_classes))
-        else:
-            from isles.experts.presets import model_config
-
-            r = m.experts[_index(unit)]
-            expected = model_config(r.preset, r.channels, r.resolution, r.num_classes, r.text_width)
-            info_path = folder / "expert.json"
-            objective = json.loads(info_path.read_text()).get("objective") if info_path.is_file() else r.objective
-            if objective != r.objective:
-                return f"trained with objective {objective!r}, the manifest's recipe says {r.objective!r}"
-        if not isinstance(config, dict):
-            return "config.json is not a JSON object"
-        for key, value in expected.items():
-            # The class counts: another class loads the same keys and fills the rest with its own defaults.
-            if key.startswith("_") and key != "_class_name":
-                continue
-            want = json.loads(json.dumps(value))
-            if key not in config:  # a missing key would load as the library's default, not the recipe's value
-                return f"config differs from the manifest's recipe: {key} is missing"
-            if config[key] != want:
-                return f"config differs from the manifest's recipe: {key} is {config[key]!r}, expected {want!r}"
-        return None
+        return self.checks.check_config(unit, folder)
 
     def _shard(self, index: int):
         from isles.experts.data import load_shard
@@ -295,6 +304,21 @@ class Aggregator:
             label_dropout=r.cond_dropout,
             hflip=r.hflip,
         )
+
+    def replay(self, unit: str, start: Path, end: Path):
+        """Replay a holder's training segment between two of its checkpoints (experts/replay.py), with the unit's task
+        built exactly as volunteers build it."""
+        from isles.experts.replay import replay_segment
+        from isles.experts.trainer import TrainRecipe
+
+        from .run_access import unit_task
+
+        task, r = unit_task(self.manifest, unit, self.shard_stores, self.work / "shards")
+        recipe = TrainRecipe(
+            steps=r.steps, global_batch=r.global_batch, lr=r.lr, warmup_steps=r.warmup_steps, ema_decay=r.ema_decay,
+            seed=r.seed, checkpoint_every_steps=None, checkpoint_every_seconds=None,
+        )  # fmt: skip
+        return replay_segment(task, recipe, start, end, self.work / "replay", tolerance=self.config.replay_tolerance)
 
     def _task_and_untrained(self, unit: str):
         """The unit's task (its held-out data) and the val loss of an untrained model from the recipe's seed."""
@@ -382,7 +406,12 @@ class Aggregator:
         torch.manual_seed(0)
         images = pipe(routing="top1", steps=self.config.sample_steps, seed=0, **self._grid_condition(pipe)).images
         has_samples = kind == "pixels" or m.vae is not None
-        if has_samples:
+        if has_samples and pipe.is_video:  # one row of frames per clip, and the clips themselves as a GIF
+            from isles.experts.video_files import save_clip_grid_gif, save_frame_sheet
+
+            save_frame_sheet(images, staging / SAMPLES_FILE, scale=2, max_clips=len(images))
+            save_clip_grid_gif(images, staging / SAMPLES_FILE.replace(".png", ".gif"), nrow=4)
+        elif has_samples:
             save_grid(images, staging / SAMPLES_FILE, nrow=6)
         units = sorted(self.accepted, key=m.units.index)
         provenance = {u: _provenance(self.accepted[u]) for u in units}
@@ -451,6 +480,8 @@ def _provenance(acc: Accepted) -> dict:
     r = acc.release
     return {
         "unit": r.unit,
+        # The display name is the volunteer's own word; the peer id is the attribution that holds (readers drop
+        # releases whose token names anyone but their signer), and the model card shows both.
         "trained_by": r.volunteer or r.token.owner,
         "peer_id": r.token.owner,
         "attempt": r.token.attempt,
@@ -465,48 +496,6 @@ def _provenance(acc: Accepted) -> dict:
         "threshold": acc.verdict.threshold,
         "reported_val_loss": r.val_loss,
     }
-
-
-def _non_finite(folder: Path, weights: str) -> str | None:
-    import torch
-    from safetensors.torch import load_file
-
-    for name, tensor in load_file(str(folder / weights)).items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"non-finite weights (NaN or inf) in {name}"
-    return None
-
-
-def model_card(manifest, provenance: dict, repo: str, has_samples: bool) -> str:
-    """README.md of the ensemble: Hub metadata, what it is, who trained which unit, how to sample it."""
-    lines = [
-        "---",
-        "library_name: isles",
-        "tags: [diffusion, decentralized-diffusion, ensemble, isles]",
-        "---",
-        f"# {manifest.name}: an isles ensemble (run {manifest.run_id})",
-        "",
-        f"{manifest.description or manifest.dataset}. {len(manifest.shards)} experts, each trained in isolation "
-        "on one data cluster by a volunteer, plus a router that picks experts at every denoising step.",
-        "",
-        f"Every unit was verified and the ensemble assembled by isles {isles_version()}.",
-        "",
-        "| unit | trained by | steps | resumed from | wall s | val loss (limit) | revision |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for unit in manifest.units:
-        p = provenance.get(unit)
-        if p is None:
-            lines.append(f"| {unit} | (not yet) | | | | | |")
-            continue
-        lines.append(
-            f"| {unit} | {p['trained_by']} | {p['steps']} | {p['resumed_from_step'] or '-'} | {p['wall_s']:.0f} | "
-            f"{p['val_loss']:.4f} ({p['threshold']:.4f}) | {p['revision'][:12]} |"
-        )
-    lines += ["", "Sample it:", "", "```", f"isles sample {repo} --store <store> --out grid.png --routing top1", "```"]
-    if has_samples:
-        lines += ["", f"![samples]({SAMPLES_FILE})"]
-    return "\n".join(lines) + "\n"
 
 
 def run_aggregator(config: AggregateConfig, stop: threading.Event | None = None) -> dict:
@@ -525,8 +514,25 @@ def run_aggregator(config: AggregateConfig, stop: threading.Event | None = None)
         log.info(
             "aggregating run %s (%d units) into %s %s", manifest.run_id, len(manifest.units), out_store.uri, agg.repo
         )
+        log.info("aggregator key (for `isles partition --aggregator`): %s", swarm.identity.owner_key[7:-1])
+        if not manifest.may_aggregate(swarm.identity.public_key):
+            log.warning(
+                "this peer's key is not one of the run's aggregators: its ensembles and rejections count for nobody "
+                "(the run owner names aggregators with `isles partition --aggregator KEY`)"
+            )
+        witness = CheckpointWitness(
+            swarm,
+            manifest,
+            store,
+            agg.work,
+            lambda unit: agg._recipe_model(unit)[0],
+            agg.replay,
+            config.replay_fraction,
+        )
         while not stop.is_set():
             agg.poll()
+            witness.forget(agg.accepted)
+            witness.poll()  # resumers install only checkpoints verified here; holders without any lose their lease
             if config.once or (config.until_complete and agg.complete):
                 break
             stop.wait(config.poll_period)

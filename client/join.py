@@ -18,16 +18,15 @@ from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
 from isles.protocol.installation import default_work_dir, isles_version
 
+from .contact import open_swarm_retrying
 from .display import TrainingDisplay
 from .handoff import Pusher
 from .run_access import (
     find_manifest,
-    make_router_task,
-    open_swarm,
-    pull_shard,
     qualified,
     released_units,
     shard_stores,
+    unit_task,
 )
 
 log = logging.getLogger("isles.join")
@@ -48,6 +47,7 @@ class JoinConfig:
     settle_period: float = 3.0
     poll_period: float = 2.0  # how often to look again while every open unit is claimed by someone else
     run_timeout: float = 60.0  # how long to wait for the run's manifest to show up
+    contact_timeout: float = 120.0  # how long to keep trying the initial peers before giving up
     name: str = ""  # shown in model cards as who trained a unit (default: the peer id)
     plain: bool | None = None  # None: plain log lines unless stderr is a terminal
     micro_batch: int | None = None
@@ -67,42 +67,58 @@ class UnitOutcome:
 
 
 class Volunteer:
-    def __init__(self, config: JoinConfig, console, stop: threading.Event | None = None):
+    def __init__(self, config: JoinConfig, console, stop: threading.Event | None = None, trainer=None):
         self.config = config
         self.console = console
         self.stop = stop or threading.Event()
+        self.trainer = trainer  # experts.trainer.train unless set (`--gpus N`: client/join_ranks.py's leader)
         self.outcomes: list[UnitOutcome] = []
         self.peers_online: int | None = None
         self._state = "JOINING"
         self._unit: str | None = None
+        self.push_failures = 0  # checkpoint pushes that failed: shown as they happen
+        self.refused: dict[str, str] = {}  # units this machine cannot train, and why (said once, then in `skipped`)
+        self.skipped: set[str] = set()
 
     def run(self) -> list[UnitOutcome]:
         from isles.protocol.artifacts import open_store
         from isles.protocol.leases import LeaseManager, LeaseSettings
 
         from .machine import check_machine, param_count, require_fit, resolve_device
+        from .preflight import preflight
 
         c = self.config
         self.display = TrainingDisplay(self.console, plain=c.plain)
         resolve_device(c.device)  # a bad --device fails before we touch the network
-        node, self.swarm = open_swarm(c.swarm)
+        node, self.swarm = open_swarm_retrying(c.swarm, c.contact_timeout, self.stop, self.display.event)
         try:
             self.peer_id = node.peer_id
             self.name = c.name or self.peer_id
             self.manifest = find_manifest(self.swarm, c.run_id, c.run_timeout, self.stop)
             m = self.manifest
             needs = {}
-            for r in {(e.preset, e.channels, e.resolution, e.num_classes, e.text_width) for e in m.experts}:
-                needs[f"{r[0]} {r[2]}x{r[2]}x{r[1]}"] = param_count(*r)
+            for e in m.experts:
+                if _need_label(e) not in needs:
+                    shape = (e.channels, e.resolution, e.num_classes, e.text_width, e.frames)
+                    needs[_need_label(e)] = param_count(e.preset, *shape)
             self.machine = check_machine(c.device, c.work_dir, needs)
             for line in self.machine.summary_lines():
                 self.display.event(line)
             require_fit(self.machine)
+            self.refused = self._units_that_do_not_fit()
             # Shards come from the run's store (or --store, when it mirrors them); our work goes to --store.
             self.store = open_store(c.store or m.store, token=c.token)
             self.shard_stores = shard_stores(m.store, self.store, c.token)
             self.work = Path(c.work_dir) / m.run_id
-            settings = LeaseSettings(c.lease_ttl, c.heartbeat_period, c.settle_period)
+            for line in preflight(self.store, self.work, m):  # can we publish what we train? before any claim
+                self.display.event(line)
+            if m.progress_timeout <= c.checkpoint_period:
+                raise IslesError(
+                    f"run {m.run_id} expects a verified checkpoint every {m.progress_timeout:g} s, "
+                    f"and --checkpoint-period is {c.checkpoint_period:g} s",
+                    hint=f"pass --checkpoint-period {m.progress_timeout / 5:g} (others would take the unit otherwise)",
+                )
+            settings = LeaseSettings(c.lease_ttl, c.heartbeat_period, c.settle_period, m.progress_timeout)
             self.leases = LeaseManager(self.swarm, m.run_id, settings, hardware=self.machine.hardware)
             self.display.event(f"joined run {m.run_id} ({m.name}: {len(m.units)} units) as {self.name}")
             presence = threading.Thread(target=self._presence_loop, name="presence", daemon=True)
@@ -114,6 +130,18 @@ class Volunteer:
             self._announce()
             node.shutdown()
         return self.outcomes
+
+    def _units_that_do_not_fit(self) -> dict[str, str]:
+        """unit -> why this machine does not take it (its model needs more memory than there is)."""
+        from isles.protocol.records import expert_unit
+
+        refused = {}
+        for i, e in enumerate(self.manifest.experts):
+            label = _need_label(e)
+            if not self.machine.fits.get(label, True):
+                why = next((p for p in self.machine.problems if p.startswith(label)), f"{label} does not fit")
+                refused[expert_unit(i)] = why
+        return refused
 
     def _loop(self) -> None:
         c, m = self.config, self.manifest
@@ -128,6 +156,14 @@ class Volunteer:
             mine = {o.unit for o in self.outcomes if o.state == "released"}
             rejected = [u for u in m.units if u not in released and u in mine]
             open_units = [u for u in m.units if u not in released and u not in mine]
+            if any(u in self.refused for u in open_units):
+                for unit in [u for u in open_units if u in self.refused]:
+                    self.display.event(f"not taking {unit}: {self.refused.pop(unit)}")  # said once per unit
+                    self.skipped.add(unit)
+            open_units = [u for u in open_units if u not in self.skipped]
+            if not open_units and any(u not in released for u in self.skipped):
+                self.display.event("the units left need more memory than this machine has: nothing to train here")
+                return
             if not open_units:
                 if rejected:
                     self.display.event(
@@ -208,7 +244,7 @@ class Volunteer:
                     )
 
             try:
-                result = train(
+                result = (self.trainer or train)(
                     task,
                     recipe,
                     unit_dir,
@@ -241,43 +277,7 @@ class Volunteer:
 
     def _build_task(self, unit: str, unit_dir: Path):
         """The trainer task of a unit and its recipe; pulls (and verifies) the shards it needs."""
-        from isles.experts.data import load_shard
-
-        m = self.manifest
-        shards_dir = self.work / "shards"
-        indices = range(len(m.shards)) if unit == "router" else [int(unit.rsplit("-", 1)[1])]
-        shards = {}
-        for i in indices:
-            ref = m.shards[i]
-            dest = shards_dir / f"{ref.sha256[:16]}-{Path(ref.path).name}"
-            if not dest.is_file():
-                pull_shard(self.shard_stores, ref, dest)
-            shards[i] = load_shard(dest, sha256=ref.sha256)
-        if unit == "router":
-            return make_router_task(m, shards), m.router
-        from isles.experts.expert import ExpertTask
-
-        i = indices[0]
-        recipe, ref = m.experts[i], m.shards[i]
-        task = ExpertTask(
-            shards[i],
-            preset=recipe.preset,
-            objective=recipe.objective,
-            conditioning=recipe.conditioning,
-            label_dropout=recipe.cond_dropout,
-            hflip=recipe.hflip,
-            shard_info={
-                "repo": ref.repo,
-                "revision": ref.revision,
-                "path": ref.path,
-                "sha256": ref.sha256,
-                "cluster": ref.cluster,
-                "run_id": m.run_id,
-                "unit": unit,
-            },
-            recipe=recipe.dict(),
-        )
-        return task, recipe
+        return unit_task(self.manifest, unit, self.shard_stores, self.work / "shards")
 
     def _restore_checkpoint(self, unit: str, unit_dir: Path, task, recipe) -> int | None:
         """Make the newest checkpoint anyone pushed the trainer's starting point; returns its step (None: step 0).
@@ -285,21 +285,31 @@ class Volunteer:
         A pushed checkpoint comes from another peer: it is installed only if it is whole and of this unit's recipe
         and task, so a foreign or broken one cannot stop every later volunteer of the unit (the trainer refuses it)."""
 
+        import torch
+
         from isles.experts import checkpoints
         from isles.experts.trainer import check_resumable
 
         ckpt_dir = unit_dir / "checkpoints"
         latest = checkpoints.latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None  # only whole checkpoints
         local_step = next((s for s, p in checkpoints.list_checkpoints(ckpt_dir) if p == latest), 0) if latest else 0
-        pointer = self.swarm.latest_checkpoint(self.manifest.run_id, unit)
-        if pointer is not None and pointer.step > local_step:
+        with torch.device("meta"):  # the recipe's model, for the checks below: nothing is allocated
+            model = task.build_model()
+        # Furthest first, skipping any that does not check out (signed by its holder, inside the recipe's steps).
+        for pointer in self.swarm.checkpoints_to_resume(self.manifest.run_id, unit):
+            if pointer.step <= local_step:
+                break
             staging = unit_dir / "pulled"
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                self.store.pull(pointer.repo, pointer.revision, staging, pointer.files)
+                self.store.pull(
+                    pointer.repo, pointer.revision, staging, pointer.files, max_bytes=checkpoints.size_bound(model)
+                )
                 pulled = checkpoints.latest_checkpoint(staging)
                 if pulled is None:
                     raise IslesError(f"{pointer.repo}@{pointer.revision[:12]} holds no whole checkpoint")
+                if checkpoints.check_foreign(pulled, model, recipe.steps) != pointer.step:
+                    raise IslesError(f"{pointer.repo}@{pointer.revision[:12]} is not at the step its pointer says")
                 check_resumable(pulled, task, recipe)
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 for entry in staging.iterdir():  # the checkpoint's file(s), as the trainer wrote them
@@ -309,8 +319,9 @@ class Volunteer:
                     entry.replace(target)
                 local_step = pointer.step
                 self.display.event(f"pulled the checkpoint of {unit} at step {pointer.step} ({pointer.token.owner})")
+                break
             except IslesError as exc:
-                log.warning("cannot use the pushed checkpoint of %s (%s); starting from local state", unit, exc)
+                log.warning("cannot use the checkpoint of %s from %s (%s)", unit, pointer.token.owner, exc)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return local_step or None
@@ -355,8 +366,12 @@ class Volunteer:
             )
             self.swarm.put_checkpoint(pointer)
             self.display.event(f"pushed the checkpoint of {lease.unit} at step {step}")
-        except Exception as exc:  # a failed push loses at most one period of work; training goes on
-            log.warning("could not push the checkpoint of %s at step %d: %s", lease.unit, step, exc)
+        except Exception as exc:  # a failed push loses at most one period of work; training goes on, and says so
+            self.push_failures += 1
+            self.display.event(
+                f"could not push the checkpoint of {lease.unit} at step {step}: {exc} "
+                f"({self.push_failures} failed so far; training goes on, the next push retries)"
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -420,6 +435,12 @@ class Volunteer:
                 pass
             if self.stop.wait(self.config.heartbeat_period):
                 return
+
+
+def _need_label(recipe) -> str:
+    """How the machine check names an expert recipe's model: 'unet-tiny 32x32x3' (clips: 'x16' frames more)."""
+    r = recipe
+    return f"{r.preset} {r.resolution}x{r.resolution}x{r.channels}" + (f"x{r.frames}" if r.frames else "")
 
 
 def _float(value) -> float | None:

@@ -15,6 +15,7 @@ from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
 
 log = logging.getLogger("isles.run")
+MAX_RUNS_LISTED = 16  # runs index entries looked up when no --run is given
 
 
 # --- joining the swarm and finding the run -------------------------------------------
@@ -43,12 +44,12 @@ def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Eve
             if manifest is not None:
                 return manifest
         else:
-            runs = swarm.list_runs()
+            # Index entries are unsigned: count only runs whose (owner-signed) manifest can be found.
+            found = {r.run_id: (r, swarm.get_manifest(r.run_id)) for r in swarm.list_runs()[:MAX_RUNS_LISTED]}
+            runs = [r for r, manifest in found.values() if manifest is not None]
             if len(runs) == 1:
-                manifest = swarm.get_manifest(runs[0].run_id)
-                if manifest is not None:
-                    return manifest
-            elif len(runs) > 1:
+                return found[runs[0].run_id][1]
+            if len(runs) > 1:
                 listing = "; ".join(f"{r.run_id} ({r.name}, {r.units} units)" for r in runs)
                 raise IslesError(f"the swarm has {len(runs)} open runs: {listing}", hint="choose one with --run ID")
         what = f"run {run_id}" if run_id else "any run"
@@ -66,15 +67,25 @@ def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Eve
 
 
 def released_units(swarm, manifest) -> dict[str, list]:
-    """Units with at least one release the aggregator has not rejected (a rejected unit is open again)."""
-    rejected = {(r.unit, r.token.attempt, r.token.owner, r.revision) for r in swarm.get_rejections(manifest.run_id)}
+    """Units with at least one release the run's aggregators have not rejected (a rejected unit is open again).
+
+    A peer one of whose releases an aggregator rejected is trusted with none it has not accepted: its other releases
+    do not close units, so a peer flooding fake releases cannot make volunteers stop with "nothing left to train"."""
+    rejections = swarm.get_rejections(manifest.run_id)
+    rejected = {(r.unit, r.token.attempt, r.token.owner, r.revision) for r in rejections}
+    banned = {r.token.owner for r in rejections}
+    ensemble = swarm.latest_ensemble(manifest.run_id)
+    tokens = [*ensemble.experts, *([ensemble.router] if ensemble.router else [])] if ensemble else []
+    accepted = {(t.unit, t.attempt, t.owner) for t in tokens}
+
+    def counts(r) -> bool:
+        if (r.unit, r.token.attempt, r.token.owner) in accepted:
+            return True
+        return (r.unit, r.token.attempt, r.token.owner, r.revision) not in rejected and r.token.owner not in banned
+
     released = {}
     for unit in manifest.units:
-        good = [
-            r
-            for r in swarm.get_releases(manifest.run_id, unit)
-            if (unit, r.token.attempt, r.token.owner, r.revision) not in rejected
-        ]
+        good = [r for r in swarm.get_releases(manifest.run_id, unit) if counts(r)]
         if good:
             released[unit] = good
     return released
@@ -119,6 +130,47 @@ def qualified(store, repo: str) -> str:
     """`namespace/repo` on the Hub, so readers using another namespace (the run's store) still find it."""
     namespace = getattr(store, "namespace", "")
     return f"{namespace}/{repo}" if namespace and "/" not in repo else repo
+
+
+def unit_task(manifest, unit: str, stores: list, shards_dir: Path):
+    """The trainer task of a unit and its recipe, exactly as every volunteer builds it (so checkpoints resume and
+    replay anywhere); pulls (and verifies) the shards it needs into `shards_dir`."""
+    from isles.experts.data import load_shard
+
+    m = manifest
+    indices = range(len(m.shards)) if unit == "router" else [int(unit.rsplit("-", 1)[1])]
+    shards = {}
+    for i in indices:
+        ref = m.shards[i]
+        dest = shards_dir / f"{ref.sha256[:16]}-{Path(ref.path).name}"
+        if not dest.is_file():
+            pull_shard(stores, ref, dest)
+        shards[i] = load_shard(dest, sha256=ref.sha256)
+    if unit == "router":
+        return make_router_task(m, shards), m.router
+    from isles.experts.expert import ExpertTask
+
+    i = indices[0]
+    recipe, ref = m.experts[i], m.shards[i]
+    task = ExpertTask(
+        shards[i],
+        preset=recipe.preset,
+        objective=recipe.objective,
+        conditioning=recipe.conditioning,
+        label_dropout=recipe.cond_dropout,
+        hflip=recipe.hflip,
+        shard_info={
+            "repo": ref.repo,
+            "revision": ref.revision,
+            "path": ref.path,
+            "sha256": ref.sha256,
+            "cluster": ref.cluster,
+            "run_id": m.run_id,
+            "unit": unit,
+        },
+        recipe=recipe.dict(),
+    )
+    return task, recipe
 
 
 def make_router_task(manifest, shards: dict):

@@ -233,3 +233,28 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
             continue
         if kept >= keep:
             path.unlink(missing_ok=True)
+
+
+def size_bound(model: torch.nn.Module) -> int:
+    """The most bytes a checkpoint of `model` may take: weights, EMA and two Adam moments in fp32, plus 16 MiB for
+    the scheduler, RNG states and header. A pushed checkpoint larger than this is refused before it is downloaded."""
+    weights = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    return 5 * weights + (16 << 20)
+
+
+def check_foreign(path: str | Path, model: torch.nn.Module, steps: int) -> int:
+    """Check a checkpoint another peer pushed before installing it: it must load into `model` (the recipe's model:
+    same keys, same shapes) and stop short of the recipe's last step (a finished state would be published as the
+    resumer's own work). Returns its step; anything else is an IslesError."""
+    state = read_checkpoint(path)
+    weights, step = state.get("model"), state.get("step")
+    if not isinstance(step, int) or not 0 < step < steps:
+        raise IslesError(f"checkpoint {path} is at step {step!r}, outside 1..{steps - 1} of the recipe")
+    if not isinstance(weights, dict):
+        raise IslesError(f"checkpoint {path} holds no model weights")
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if found != wanted:
+        differ = sorted(set(found) ^ set(wanted)) or sorted(k for k in wanted if found[k] != wanted[k])
+        raise IslesError(f"checkpoint {path} does not fit the recipe's model ({', '.join(differ[:3])} differ)")
+    return step

@@ -44,6 +44,20 @@ class IntegrityError(ArtifactError):
     """A pulled file's sha256 differs from the record: the artifact was tampered with or corrupted. Never retried."""
 
 
+class TooLarge(IntegrityError):
+    """The files a record names are larger than the caller's bound: refused before anything is downloaded."""
+
+
+def check_size(sizes: Mapping[str, int], max_bytes: int | None, where: str) -> None:
+    """Refuse a pull whose files (as the store reports their sizes) exceed `max_bytes` in all."""
+    total = sum(sizes.values())
+    if max_bytes is not None and total > max_bytes:
+        raise TooLarge(
+            f"{where}: the record's files are {total / 2**20:.1f} MiB, over the bound of {max_bytes / 2**20:.1f} MiB",
+            hint="an artifact of this run cannot be that large: the record is not trustworthy",
+        )
+
+
 class StoreUnavailable(ArtifactError):
     """The store could not be reached or kept failing after retries; trying again later may work."""
 
@@ -182,11 +196,13 @@ class ArtifactStore(ABC):
         dest: str | os.PathLike,
         expected: Mapping[str, str],
         kind: Kind = "model",
+        max_bytes: int | None = None,
     ) -> Path:
         """Download the files of `expected` ({path: sha256}, from a record) at `revision` into folder `dest`.
 
         Returns `dest` once every file is verified. On any mismatch raises IntegrityError and `dest` is untouched
-        (absent if it was absent). A `dest` that already holds the verified files is reused without downloading."""
+        (absent if it was absent). A `dest` that already holds the verified files is reused without downloading.
+        Files over `max_bytes` in all are refused (TooLarge) before any is downloaded."""
 
     @abstractmethod
     def pull_file(

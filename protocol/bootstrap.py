@@ -20,7 +20,10 @@ logger = logging.getLogger(__name__)
 class BootstrapSettings:
     announce_period: float = MANIFEST_PERIOD / 6  # re-announce manifests well before they expire
     log_period: float = 60.0  # how often to log the number of peers and runs
-    adopt_runs: bool = True  # keep alive every valid run found in the swarm too, so bootstrap nodes back each other up
+    # Keep alive the runs its own identity signed that other nodes published too (a second node started with the
+    # owner's identity backs the first up), never a stranger's: at most `max_runs` runs in all.
+    adopt_runs: bool = True
+    max_runs: int = 64
 
 
 def join_maddr(maddrs: list[str]) -> str:
@@ -63,10 +66,18 @@ class BootstrapNode:
         return f"To join: isles join --peers {join_maddr(self.maddrs)}"
 
     def adopt(self) -> None:
-        """Take over announcing runs other nodes published (a manifest is checked against its run id on read)."""
+        """Take over announcing runs this node's owner signed that other nodes published (a manifest is checked
+        against its run id and its owner's signature on read); a stranger's runs are left to their own nodes."""
         known = {m.run_id for m in self.manifests}
-        for entry in self.swarm.list_runs():
-            if entry.run_id not in known and (manifest := self.swarm.get_manifest(entry.run_id)) is not None:
+        mine = self.node.identity.owner_key
+        for entry in self.swarm.list_runs()[: self.settings.max_runs * 4]:
+            if len(self.manifests) >= self.settings.max_runs:
+                logger.warning("announcing %d runs already: adopting no more", len(self.manifests))
+                return
+            if entry.run_id in known:
+                continue
+            manifest = self.swarm.get_manifest(entry.run_id)
+            if manifest is not None and manifest.owner == mine:
                 logger.info("adopting run %s (%s): announcing it from this node too", manifest.run_id, manifest.name)
                 self.manifests.append(manifest)
 

@@ -1,8 +1,10 @@
 """Shard leases over the DHT, without a coordinator: claim, settle, re-read, proceed only as the owner.
 
-A unit belongs to the earliest live claim (by claimed_time, then peer id). The owner renews its claim from a
-heartbeat thread, carrying its progress; a peer that stops renewing loses the unit after `ttl_period`. The DHT
-gives no compare-and-swap, so two owners are possible in rare splits: results carry the lease's fencing token.
+A unit belongs to the earliest live claim (by claimed time, then peer id), where a claim may look no older than the
+reader saw it, give or take `backdate_grace`; a claim whose holder shows no progress (checkpoint pointers of its own,
+advancing) for `progress_timeout` counts for nothing. The owner renews from a heartbeat thread; a peer that stops
+renewing loses the unit after `ttl_period`. The DHT gives no compare-and-swap, so two owners are possible in rare
+splits: results carry the lease's fencing token.
 
     manager = LeaseManager(swarm, run_id, LeaseSettings())
     lease = manager.acquire(manifest.units)        # None: every unit is owned by someone else
@@ -17,15 +19,14 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .records import Claim, FencingToken
-from .swarm import Signed, Swarm, dht_time
+from .records import MAX_ATTEMPT, Claim, FencingToken
+from .swarm import MAX_CLOCK_SKEW, Signed, Swarm, dht_time
 
 logger = logging.getLogger(__name__)
 
 # Claims are self-reported: a claim may live at most this long past its own heartbeat, and may not be dated in the
 # future, so one peer cannot hold a unit for years with a single write.
 MAX_TTL_PERIOD = 3600.0
-MAX_CLOCK_SKEW = 3.0  # hivemind's MAX_DHT_TIME_DISCREPANCY_SECONDS
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class LeaseSettings:
     ttl_period: float = 60.0  # a claim not renewed for this long is dead; its unit is open again
     heartbeat_period: float = 15.0  # renew this often (well under the TTL, so a slow renewal is not fatal)
     settle_period: float = 3.0  # after writing a claim, wait this long for racing claims to land, then re-read
+    # A holder must show progress (a new, verified checkpoint) this often, counted from when a reader first saw its
+    # claim or its last progress, or others may take the unit. Volunteers take the run manifest's.
+    progress_timeout: float = 900.0
+
+    @property
+    def backdate_grace(self) -> float:
+        """How much older than first seen a claim may say it is: racing honest claims land within a settle period."""
+        return 2 * self.settle_period + 2 * MAX_CLOCK_SKEW
 
     def __post_init__(self):
         if not 0 < self.heartbeat_period < self.ttl_period:
@@ -41,6 +50,8 @@ class LeaseSettings:
             raise ValueError(f"the lease TTL cannot exceed {MAX_TTL_PERIOD:.0f} s")
         if self.settle_period < 0:
             raise ValueError("the settle period cannot be negative")
+        if self.progress_timeout <= 0:
+            raise ValueError("the progress timeout must be positive")
 
 
 def rendezvous_rank(units: Iterable[str], peer_id: str) -> list[str]:
@@ -59,10 +70,64 @@ def live_claims(entries: list[Signed], now: float) -> list[Signed]:
     return [e for e in entries if e.record.state == "claimed" and e.expiration_time > now and plausible(e)]
 
 
-def owner_of(entries: list[Signed], now: float) -> Signed | None:
-    """The claim that owns the unit: the earliest live one, ties broken by peer id."""
-    live = live_claims(entries, now)
-    return min(live, key=lambda e: (e.record.claimed_time, e.record.peer_id), default=None)
+def claimed_time_of(entry: Signed, grace: float = 0.0) -> float:
+    """A claim's place in line: its stated time, unless that is more than `grace` before this reader first saw it
+    (a backdated claim, or an old one a newcomer just found): then when it was first seen."""
+    stated = entry.record.claimed_time
+    return stated if stated >= entry.first_seen - grace else entry.first_seen
+
+
+def stalled(entry: Signed, now: float, last_progress: float | None, timeout: float | None) -> bool:
+    """No progress from this claim's holder for `timeout` seconds, counted from when this reader first saw any claim
+    of that holder on the unit (a fresh claim or attempt every few seconds does not reset it) or its last pointer."""
+    return timeout is not None and now - max(entry.holder_since, last_progress or 0.0) > timeout
+
+
+def owner_of(
+    entries: list[Signed],
+    now: float,
+    grace: float = float("inf"),
+    progress: dict[tuple[str, int], float] | None = None,
+    progress_timeout: float | None = None,
+) -> Signed | None:
+    """The claim that owns the unit: the earliest live one that is not stalled, ties broken by peer id.
+
+    `progress` maps (holder peer id, attempt) to when this reader first saw that holder's newest progress."""
+    progress = progress or {}
+    live = [
+        e
+        for e in live_claims(entries, now)
+        if not stalled(e, now, progress.get((e.peer_id, e.record.attempt)), progress_timeout)
+    ]
+    return min(live, key=lambda e: (claimed_time_of(e, grace), e.record.claimed_time, e.record.peer_id), default=None)
+
+
+def stalled_claims(entries: list[Signed], now: float, progress: dict, progress_timeout: float) -> list[Signed]:
+    """Live claims whose holders showed no progress in time: what `isles status` and the aggregator report."""
+    return [
+        e
+        for e in live_claims(entries, now)
+        if stalled(e, now, progress.get((e.peer_id, e.record.attempt)), progress_timeout)
+    ]
+
+
+def progress_of(swarm: Swarm, run_id: str, unit: str) -> dict[tuple[str, int], float]:
+    """(holder peer id, attempt) -> when this reader first saw the holder's newest progress on the unit: checkpoints
+    the run's aggregators verified (loads into the recipe's model, advances), once they verify any; before that, the
+    holder's own valid pointers (each new step is a new pointer, first seen when it appears)."""
+    from .witness import run_verifies, verified_entries
+
+    progress: dict[tuple[str, int], float] = {}
+    verified = verified_entries(swarm, run_id, unit)
+    if verified or run_verifies(swarm, run_id):
+        for e in verified:
+            key = (e.record.holder, e.record.attempt)
+            progress[key] = max(progress.get(key, 0.0), e.first_seen)
+        return progress
+    for e in swarm.valid_checkpoints(run_id, unit):
+        key = (e.peer_id, e.record.token.attempt)
+        progress[key] = max(progress.get(key, 0.0), e.first_seen)
+    return progress
 
 
 class Lease:
@@ -109,7 +174,7 @@ class Lease:
         self._expiration_time = expiration
         entries = self.manager.swarm.get_claims(self.run_id, self.unit)
         mine = self.manager.swarm.subkey()
-        owner = owner_of(entries, dht_time())
+        owner = self.manager.owner_entry(self.unit, entries, exempt=mine)
         # Lost only when our claim is visible and an earlier one beats it: a claim missing from one read is a glitch.
         if owner is not None and owner.subkey != mine and any(e.subkey == mine for e in entries):
             logger.warning("lost %s to %s (an earlier claim appeared)", self.unit, owner.record.peer_id)
@@ -158,8 +223,18 @@ class LeaseManager:
         return rendezvous_rank(units, self.swarm.peer_id)
 
     def owner(self, unit: str) -> Claim | None:
-        owner = owner_of(self.swarm.get_claims(self.run_id, unit), dht_time())
+        owner = self.owner_entry(unit, self.swarm.get_claims(self.run_id, unit))
         return None if owner is None else owner.record
+
+    def owner_entry(self, unit: str, entries: list[Signed], exempt: bytes | None = None) -> Signed | None:
+        """The owning claim as this peer judges it (its own claim, `exempt`, never counts as stalled to itself)."""
+        now, timeout = dht_time(), self.settings.progress_timeout
+        # Progress matters only for a holder seen longer than the timeout: skip two DHT reads in the common case.
+        old = any(now - e.holder_since > timeout for e in live_claims(entries, now) if e.subkey != exempt)
+        progress = progress_of(self.swarm, self.run_id, unit) if old else {}
+        if exempt is not None:
+            progress.update({(e.peer_id, e.record.attempt): dht_time() for e in entries if e.subkey == exempt})
+        return owner_of(entries, now, self.settings.backdate_grace, progress, timeout)
 
     def acquire(self, units: Iterable[str]) -> Lease | None:
         """Try units in this peer's rendezvous order; the first one won, or None if all are owned by others."""
@@ -176,7 +251,7 @@ class LeaseManager:
         mine = self.swarm.subkey()
         now = dht_time()
         entries = self.swarm.get_claims(self.run_id, unit)
-        owner = owner_of(entries, now)
+        owner = self.owner_entry(unit, entries)
         if owner is not None and owner.subkey != mine:
             return None  # taken: an earlier live claim would beat ours anyway
         if owner is not None:  # our own claim from before a restart: renew it, keeping its place in line
@@ -200,7 +275,7 @@ class LeaseManager:
         if self._closed.wait(self.settings.settle_period):
             self._withdraw(claim, expiration)
             return None
-        owner = owner_of(self.swarm.get_claims(self.run_id, unit), dht_time())
+        owner = self.owner_entry(unit, self.swarm.get_claims(self.run_id, unit), exempt=mine)
         if owner is None or owner.subkey != mine:
             logger.debug("lost the race for %s to %s", unit, owner.record.peer_id if owner else "nobody")
             self._withdraw(claim, expiration)
@@ -212,10 +287,8 @@ class LeaseManager:
 
     def _next_attempt(self, unit: str, entries: list[Signed]) -> int:
         previous = [e.record.attempt for e in entries]
-        checkpoint = self.swarm.latest_checkpoint(self.run_id, unit)
-        if checkpoint is not None:
-            previous.append(checkpoint.token.attempt)
-        return max(previous, default=0) + 1
+        previous += [e.record.token.attempt for e in self.swarm.get_checkpoints(self.run_id, unit)]
+        return min(max(previous, default=0) + 1, MAX_ATTEMPT)
 
     def _withdraw(self, claim: Claim, expiration_time: float) -> None:
         # A store only wins with a later expiration than the stored one, so the tombstone outlives the claim a bit.

@@ -19,17 +19,43 @@ RUN_ID_CHARS = 16  # hex characters of sha256 kept as the run id: 64 bits, enoug
 ROUTER_UNIT = "router"
 NonNegInt = conint(strict=True, ge=0)
 PositiveInt = conint(strict=True, ge=1)
+MAX_ATTEMPT = 1 << 30  # attempts are counted by whoever claims next: bounded, so a liar cannot overflow the count
+Attempt = conint(strict=True, ge=1, le=MAX_ATTEMPT)
 R = TypeVar("R", bound="Record")
+MAX_RECORD_BYTES = 32 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # ~10k shards
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, pydantic.BaseModel):
+        return _plain(obj.dict())
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 class Record(pydantic.BaseModel):
     class Config:
         extra = pydantic.Extra.allow
         allow_mutation = False
+        max_bytes = MAX_RECORD_BYTES  # every record is bounded: nobody fills a reader's memory with one write
 
     def to_value(self) -> dict:
         """The plain dict stored in the DHT (msgpack-serialisable, every field present so nothing is converted)."""
         return self.dict()
+
+    def signer_ids(self) -> list[str]:
+        """The peer ids this record speaks for: each must be its signer's own, or readers drop the record."""
+        return []
+
+    @pydantic.root_validator(skip_on_failure=True)
+    def _bounded(cls, values: dict) -> dict:
+        size = len(canonical_json(_plain(values)))
+        if size > cls.__config__.max_bytes:
+            raise ValueError(f"a {cls.__name__} record of {size} bytes (at most {cls.__config__.max_bytes})")
+        return values
 
 
 def parse_record(model: type[R], value: Any) -> R | None:
@@ -79,6 +105,7 @@ class ExpertRecipe(TrainingRecipe):
     objective: Literal["fm", "ddpm"] = "fm"
     channels: PositiveInt
     resolution: PositiveInt
+    frames: PositiveInt | None = None  # video: frames per clip (items are [C, F, H, W]); None: images [C, H, W]
     num_classes: PositiveInt | None = None
     # What the expert is conditioned on: a class, a caption (token embeddings carried by the shard), or nothing.
     conditioning: Literal["class", "text", "none"] = "class"
@@ -136,7 +163,8 @@ class TextEncoderRef(Record):
 
 
 class VaeRef(Record):
-    """The diffusers AutoencoderKL whose latents the shards hold: z = (E(x) - shift_factor) * scaling_factor."""
+    """The diffusers VAE whose latents the shards hold: an AutoencoderKL, z = (E(x) - shift_factor) * scaling_factor;
+    or a video AutoencoderKLWan, z = (E(x) - channel_mean) / channel_std per latent channel."""
 
     id: StrictStr
     revision: StrictStr | None = None
@@ -144,10 +172,16 @@ class VaeRef(Record):
     shift_factor: StrictFloat = 0.0
     latent_channels: PositiveInt
     downsample: PositiveInt
+    temporal_downsample: PositiveInt = 1  # video VAEs: frames per latent frame after the first (Wan 2.1: 4)
+    channel_mean: list[StrictFloat] | None = None
+    channel_std: list[StrictFloat] | None = None
 
 
 class RunManifest(Record):
     """A run: its data, shards and recipes. `run_id` is the short sha256 of everything else, so it cannot change."""
+
+    class Config:
+        max_bytes = MAX_MANIFEST_BYTES
 
     run_id: StrictStr
     name: StrictStr
@@ -158,22 +192,37 @@ class RunManifest(Record):
     experts: list[ExpertRecipe]
     router: RouterRecipe
     eval: EvalRecipe = EvalRecipe()
-    owner: StrictStr = ""
+    # The run authority: the owner's public key (`[owner:ssh-rsa ...]`), which signs the manifest, and the keys whose
+    # ensembles and rejections count (`isles partition --aggregator KEY`; the owner's alone by default).
+    owner: StrictStr
+    aggregators: list[StrictStr]
+    signature: StrictStr  # the owner's signature of every other field but run_id (run_id covers the same fields)
     created_time: StrictFloat = 0.0
+    # A lease holder without (verified) progress for this long loses its unit: part of the run, so every reader (the
+    # volunteers, the aggregator, `isles status`) judges holders alike. Longer than a shard download + a checkpoint.
+    progress_timeout: StrictFloat = 900.0
     text_encoder: TextEncoderRef | None = None  # set when the experts are text-conditioned
     vae: VaeRef | None = None  # set when the shards hold latents
 
     @pydantic.root_validator(skip_on_failure=True)
     def _check_content(cls, values: dict) -> dict:
+        from .identity import verify_signature
+
+        if not values["progress_timeout"] >= 1.0:
+            raise ValueError("progress_timeout must be at least 1 s")
+        if not values["aggregators"] or len(values["aggregators"]) > MAX_AGGREGATORS:
+            raise ValueError(f"a run names 1 to {MAX_AGGREGATORS} aggregator keys")
         if len(values["experts"]) != len(values["shards"]):
             raise ValueError(f"{len(values['shards'])} shards but {len(values['experts'])} expert recipes")
         encoder = values.get("text_encoder")
         for e in values["experts"]:
             if e.conditioning == "text" and (encoder is None or e.text_width != encoder.width):
                 raise ValueError("text-conditioned experts need the manifest's text_encoder, of their text_width")
-        expected = compute_run_id(_plain({k: v for k, v in values.items() if k != "run_id"}))
+        expected = compute_run_id(_plain({k: v for k, v in values.items() if k not in UNHASHED}))
         if values["run_id"] != expected:
             raise ValueError(f"run_id {values['run_id']!r} does not match the manifest's content ({expected})")
+        if not verify_signature(values["owner"], signed_content(values), values["signature"]):
+            raise ValueError("the manifest is not signed by the owner it names")
         return values
 
     @property
@@ -181,27 +230,34 @@ class RunManifest(Record):
         """The units of work: one expert per shard, then the router."""
         return [expert_unit(i) for i in range(len(self.shards))] + [ROUTER_UNIT]
 
+    def may_aggregate(self, owner_key: bytes | None) -> bool:
+        """Whether records signed by `owner_key` (a subkey's `[owner:...]`) speak for the run's aggregators."""
+        return owner_key is not None and owner_key.decode(errors="replace") in self.aggregators
+
     @classmethod
-    def create(cls, **fields: Any) -> RunManifest:
-        """Build a manifest and fill in its run_id from the other fields."""
-        fields.pop("run_id", None)
+    def create(cls, signer, aggregators: list[str] | tuple[str, ...] = (), **fields: Any) -> RunManifest:
+        """Build a manifest owned and signed by `signer` (an Identity), with its run_id filled in; the aggregators
+        are the owner alone unless named."""
+        fields = {k: v for k, v in fields.items() if k not in (*UNHASHED, "owner")}
+        fields.update(owner=signer.owner_key, aggregators=list(aggregators) or [signer.owner_key])
         draft = _plain(cls.construct(**fields).dict())  # defaults filled in, validators not run yet
-        draft.pop("run_id", None)
-        return cls.parse_obj({**draft, "run_id": compute_run_id(draft)})
+        for name in UNHASHED:
+            draft.pop(name, None)
+        signature = signer.sign(signed_content(draft))
+        return cls.parse_obj({**draft, "signature": signature, "run_id": compute_run_id(draft)})
+
+
+UNHASHED = ("run_id", "signature")
+MAX_AGGREGATORS = 16
+
+
+def signed_content(fields: dict) -> bytes:
+    """The bytes the owner signs: the manifest's canonical JSON without run_id and signature."""
+    return canonical_json(_plain({k: v for k, v in fields.items() if k not in UNHASHED}))
 
 
 def compute_run_id(fields_without_run_id: dict) -> str:
     return hashlib.sha256(canonical_json(fields_without_run_id)).hexdigest()[:RUN_ID_CHARS]
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, pydantic.BaseModel):
-        return _plain(obj.dict())
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def load_manifest_json(text: str, source: str = "manifest") -> RunManifest:
@@ -237,7 +293,7 @@ class FencingToken(Record):
     """Who trained a unit under which claim; later records carry it so stale or duplicate work can be told apart."""
 
     unit: StrictStr
-    attempt: PositiveInt
+    attempt: Attempt
     owner: StrictStr  # libp2p peer id (base58)
     claimed_time: StrictFloat
 
@@ -249,7 +305,7 @@ class Claim(Record):
     unit: StrictStr
     peer_id: StrictStr
     state: Literal["claimed", "withdrawn"] = "claimed"
-    attempt: PositiveInt = 1
+    attempt: Attempt = 1
     claimed_time: StrictFloat
     heartbeat_time: StrictFloat
     step: NonNegInt = 0
@@ -260,6 +316,9 @@ class Claim(Record):
     @property
     def token(self) -> FencingToken:
         return FencingToken(unit=self.unit, attempt=self.attempt, owner=self.peer_id, claimed_time=self.claimed_time)
+
+    def signer_ids(self) -> list[str]:
+        return [self.peer_id]
 
 
 class CheckpointPointer(Record):
@@ -274,6 +333,9 @@ class CheckpointPointer(Record):
     step: NonNegInt
     steps: NonNegInt
     written_time: StrictFloat
+
+    def signer_ids(self) -> list[str]:
+        return [self.token.owner]
 
 
 class Release(Record):
@@ -296,6 +358,10 @@ class Release(Record):
     resumed_from_step: NonNegInt | None = None  # where training picked up another attempt's checkpoint, if it did
     volunteer: StrictStr = ""  # the volunteer's display name, for the model card
 
+    def signer_ids(self) -> list[str]:
+        # The display name is self-chosen, but may not be another peer's id (a release "by" someone else).
+        return [self.token.owner] + ([self.volunteer] if looks_like_peer_id(self.volunteer) else [])
+
 
 PresenceState = Literal["JOINING", "TRAINING", "IDLE", "OFFLINE"]
 
@@ -309,6 +375,9 @@ class PeerPresence(Record):
     updated_time: StrictFloat
     hardware: StrictStr = ""
     version: StrictStr = ""
+
+    def signer_ids(self) -> list[str]:
+        return [self.peer_id]
 
 
 class Ensemble(Record):
@@ -324,6 +393,9 @@ class Ensemble(Record):
     published_time: StrictFloat
     peer_id: StrictStr
 
+    def signer_ids(self) -> list[str]:
+        return [self.peer_id]
+
 
 class Rejection(Record):
     """A release the aggregator refused, and why (so its volunteer, and `isles status`, can see it)."""
@@ -335,3 +407,11 @@ class Rejection(Record):
     reason: StrictStr
     rejected_time: StrictFloat
     peer_id: StrictStr
+
+    def signer_ids(self) -> list[str]:
+        return [self.peer_id]
+
+
+def looks_like_peer_id(text: str) -> bool:
+    """A base58 libp2p peer id (RSA keys: `Qm...`, 46 characters; ed25519: `12D3KooW...`, 52)."""
+    return (text.startswith("Qm") and len(text) == 46) or (text.startswith("12D3KooW") and len(text) == 52)

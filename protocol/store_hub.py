@@ -27,6 +27,7 @@ from .artifacts import (
     check_file_path,
     check_kind,
     check_repo,
+    check_size,
     folder_files,
     install_folder,
     matches,
@@ -181,6 +182,16 @@ class HubStore(ArtifactStore):
         )
         return Path(result)
 
+    def _size(self, repo: str, revision: str, path: str, kind: str) -> int:
+        """A file's size as the store reports it (a HEAD request: nothing is downloaded)."""
+        from huggingface_hub import hf_hub_url
+
+        url = hf_hub_url(self.repo_id(repo), path, repo_type=kind, revision=revision, endpoint=self.endpoint)
+        meta = self._call("read the size of a file in", lambda: self._api.get_hf_file_metadata(url=url), repo, kind)
+        if meta.size is None:
+            raise ArtifactError(f"{self._where(repo, kind, revision)}: the store does not say how large {path} is")
+        return int(meta.size)
+
     # Interface ---------------------------------------------------------------------------------------------------
 
     def publish(self, repo: str, folder: str | os.PathLike, kind: Kind = "model", message: str = "") -> str:
@@ -218,12 +229,16 @@ class HubStore(ArtifactStore):
         dest: str | os.PathLike,
         expected: Mapping[str, str],
         kind: Kind = "model",
+        max_bytes: int | None = None,
     ) -> Path:
         expected = check_expected(expected)
         check_kind(kind)
         dest = Path(dest)
         if dest.is_dir() and matches(dest, expected):
             return dest
+        if max_bytes is not None:
+            sizes = {path: self._size(repo, revision, path, kind) for path in expected}
+            check_size(sizes, max_bytes, self._where(repo, kind, revision))
         staging = staging_dir(dest)
         staging.mkdir(parents=True, exist_ok=True)
         with _resumable(staging):

@@ -26,6 +26,7 @@ from .artifacts import (
     check_file_path,
     check_kind,
     check_repo,
+    check_size,
     folder_files,
     install_folder,
     matches,
@@ -145,22 +146,26 @@ class LocalStore(ArtifactStore):
         dest: str | os.PathLike,
         expected: Mapping[str, str],
         kind: Kind = "model",
+        max_bytes: int | None = None,
     ) -> Path:
         expected = check_expected(expected)
         dest = Path(dest)
         if dest.is_dir() and matches(dest, expected):
             return dest
         rev_dir = self._revision_dir(repo, revision, kind)
+        for path in expected:
+            if not (rev_dir / path).is_file():
+                raise ArtifactNotFound(
+                    f"{self.uri} {repo}@{revision[:12]}: file {path} named by the record is not in the revision",
+                    hint="the store does not hold what the record says; the artifact cannot be used",
+                )
+        sizes = {path: (rev_dir / path).stat().st_size for path in expected}
+        check_size(sizes, max_bytes, f"{self.uri} {repo}@{revision[:12]}")
         staging = staging_dir(dest)
         shutil.rmtree(staging, ignore_errors=True)
         try:
             for path in expected:
                 src = rev_dir / path
-                if not src.is_file():
-                    raise ArtifactNotFound(
-                        f"{self.uri} {repo}@{revision[:12]}: file {path} named by the record is not in the revision",
-                        hint="the store does not hold what the record says; the artifact cannot be used",
-                    )
                 (staging / path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, staging / path)
             verify_files(staging, expected, f"{self.uri} {repo}@{revision[:12]}")

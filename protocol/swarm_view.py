@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .leases import live_claims, owner_of
+from .leases import LeaseSettings, live_claims, owner_of, progress_of, stalled_claims
 from .records import Ensemble, PeerPresence, Rejection, RunManifest
 from .swarm import Swarm, dht_time
 
@@ -23,6 +23,7 @@ class UnitView:
     eta_s: float | None = None  # seconds to the end of training at the current rate
     heartbeat_age_s: float | None = None
     claimants: int = 0  # live claims, the owner's included (more than one only during a race)
+    stalled: list[str] = field(default_factory=list)  # holders of live claims with no progress in time (ignored)
     checkpoint_step: int | None = None
     releases: int = 0
     rejected: int = 0
@@ -50,11 +51,16 @@ class RunView:
         return {**asdict(self), "counts": self.counts}
 
 
-def read_run(swarm: Swarm, run_id: str, manifest: RunManifest | None = None) -> RunView | None:
-    """The run's current state, or None if its manifest cannot be found in the swarm."""
+def read_run(
+    swarm: Swarm, run_id: str, manifest: RunManifest | None = None, settings: LeaseSettings | None = None
+) -> RunView | None:
+    """The run's current state, or None if its manifest cannot be found in the swarm. Claims are judged as a
+    claimant would (`settings`, default: the run's progress timeout): backdated claims by when they were first seen,
+    stalled holders not owners."""
     manifest = manifest or swarm.get_manifest(run_id)
     if manifest is None:
         return None
+    settings = settings or LeaseSettings(progress_timeout=manifest.progress_timeout)
     rejections = swarm.get_rejections(run_id)
     rejected = {(r.unit, r.revision, r.token.attempt, r.token.owner) for r in rejections}
     batches = [r.global_batch for r in manifest.experts] + [manifest.router.global_batch]
@@ -66,12 +72,14 @@ def read_run(swarm: Swarm, run_id: str, manifest: RunManifest | None = None) -> 
         live = live_claims(entries, now)
         claim_peers.update(e.record.peer_id for e in live)
         view.claimants = len(live)
+        progress = progress_of(swarm, run_id, unit)
+        view.stalled = [e.peer_id for e in stalled_claims(entries, now, progress, settings.progress_timeout)]
         checkpoint = swarm.latest_checkpoint(run_id, unit)
         view.checkpoint_step = checkpoint.step if checkpoint else None
         releases = swarm.get_releases(run_id, unit)
         accepted = [r for r in releases if (unit, r.revision, r.token.attempt, r.token.owner) not in rejected]
         view.releases, view.rejected = len(accepted), len(releases) - len(accepted)
-        owner = owner_of(entries, now)
+        owner = owner_of(entries, now, settings.backdate_grace, progress, settings.progress_timeout)
         if accepted:
             view.state, view.owner, view.attempt = "released", accepted[0].token.owner, accepted[0].token.attempt
             view.step = view.steps = accepted[0].steps

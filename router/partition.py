@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from isles.experts.data import item_layout
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json
 
@@ -68,6 +69,13 @@ class PartitionConfig:
     image_column: str | None = None  # hf: captioned data sets
     caption_column: str | None = None
     limit: int | None = None  # read at most this many items of the source
+    frames: int | None = None  # video sources: frames per clip (default: 16)
+    fps: float | None = None  # video files: frames sampled per second (default: the file's own rate)
+    # The run authority: the owner's identity folder signs the manifest (default: the user's identity); ensembles and
+    # rejections count only from the aggregator keys (`[owner:ssh-rsa ...]`, default: the owner's).
+    identity: Path | None = None
+    aggregators: tuple[str, ...] = ()
+    progress_timeout: float = 900.0  # a lease holder without verified progress this long loses its unit
 
 
 @dataclass
@@ -82,6 +90,7 @@ class PartitionResult:
     skipped: int = 0  # items of the source that could not be decoded (skipped)
     skipped_examples: list[str] | None = None
     captions: list[list[str]] | None = None  # per cluster: the captions of the examples (text runs)
+    skipped_short: int = 0  # videos too short to pad to the frame count (skipped)
 
 
 def parse_objectives(spec: str, k: int) -> list[str]:
@@ -149,7 +158,7 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
     from isles.experts.device import pick_device
     from isles.protocol.artifacts import open_store
 
-    from .encoders import make_encoder
+    from .encoders import ClipEncoder, make_encoder
     from .partition_sources import SourceOptions, open_batches
 
     k = config.experts
@@ -169,9 +178,13 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
             image_column=config.image_column,
             caption_column=config.caption_column,
             limit=config.limit,
+            frames=config.frames,
+            fps=config.fps,
         )
     )
     encoder = make_encoder(config.encoder, device=device, seed=config.seed)
+    if source.is_video:
+        encoder = ClipEncoder(encoder, seed=config.seed)
     text_encoder = None
     if text:
         from .text_encoder import load_text_encoder
@@ -241,6 +254,7 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
         skipped=source.skipped,
         skipped_examples=source.skipped_examples,
         captions=captions if text else None,
+        skipped_short=source.skipped_short,
     )
 
 
@@ -385,7 +399,7 @@ def _manifest(config, name, objectives, source, labelled, text_encoder, vae, sto
 
     shard_paths, hashes, sizes, val_sizes, _, examples, _ = written
     k = len(shard_paths)
-    channels, height = int(examples[0].shape[1]), int(examples[0].shape[2])
+    channels, frames, height, _ = item_layout(examples[0].shape[1:])
     num_classes = source.meta.get("num_classes") if labelled else None
     conditioning = config.conditioning or ("class" if num_classes else "none")
     if conditioning == "class" and not num_classes:
@@ -399,6 +413,7 @@ def _manifest(config, name, objectives, source, labelled, text_encoder, vae, sto
             objective=objectives[c],
             channels=channels,
             resolution=height,
+            frames=frames,
             num_classes=num_classes if conditioning == "class" else None,
             conditioning=conditioning,
             text_width=text_width,
@@ -440,12 +455,19 @@ def _manifest(config, name, objectives, source, labelled, text_encoder, vae, sto
     ]
     space = f"latents of {config.vae} " if vae is not None else ""
     description = config.description or (
-        f"{config.source}: {n} items, {space}{channels}x{height}x{height}"
+        f"{config.source}: {n} {'clips' if frames else 'items'}, {space}{channels}x"
+        + (f"{frames}x" if frames else "")
+        + f"{height}x{height}"
         + (f", {num_classes} classes" if num_classes else ", unlabelled")
         + (f", captions embedded by {text_encoder.spec.id}" if text_encoder is not None else "")
         + f"; {k} clusters by k-means on {config.encoder} features"
     )
+    from isles.protocol.identity import default_identity_dir, load_identity
+
     return RunManifest.create(
+        signer=load_identity(config.identity or default_identity_dir()),
+        aggregators=config.aggregators,
+        progress_timeout=float(config.progress_timeout),
         name=name,
         dataset=config.source,
         description=description,

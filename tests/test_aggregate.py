@@ -27,6 +27,7 @@ def swarm_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("agg")
     result = partition(
         PartitionConfig(
+            identity=work / "owner-id",  # the run owner, and its only aggregator
             source="digits",
             experts=2,
             out=work / "run",
@@ -105,7 +106,12 @@ def _aggregator(run, work_dir):
 
     m = run["manifest"]
     config = AggregateConfig(
-        swarm=DHTConfig(initial_peers=(run["peer"],), host_maddrs=(LOOPBACK,), client_mode=True),
+        swarm=DHTConfig(
+            initial_peers=(run["peer"],),
+            host_maddrs=(LOOPBACK,),
+            client_mode=True,
+            identity_dir=run["work"] / "owner-id",
+        ),
         run_id=m.run_id,
         work_dir=work_dir,
         sample_steps=5,
@@ -189,7 +195,8 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
     # A restarted aggregator (a new process, empty work folder) rebuilds the same state and the same revision.
     expected_units = {"expert-0": "accepted", "expert-1": "missing", "router": "accepted"}
     for _attempt in range(3):  # a DHT read can miss a record under load: the next pass sees it
-        summary = aggregate_once(run["peer"], m.run_id, tmp_path / "agg2", "--sample-steps", "5")
+        owner = str(run["work"] / "owner-id")
+        summary = aggregate_once(run["peer"], m.run_id, tmp_path / "agg2", "--sample-steps", "5", "--identity", owner)
         if {u["unit"]: u["state"] for u in summary["units"]} == expected_units and len(summary["rejections"]) == 4:
             break
     assert summary["revision"] == first.revision
@@ -246,7 +253,10 @@ def test_a_release_the_store_cannot_serve_right_now_is_judged_again_later(tmp_pa
         raise StoreUnavailable("the Hub is unreachable")
 
     store.pull = unreachable
-    manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri)
+    recipe = SimpleNamespace(
+        preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm", text_width=None, frames=None
+    )
+    manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri, experts=[recipe])
     config = AggregateConfig(swarm=DHTConfig(), work_dir=tmp_path / "agg")
     agg = Aggregator(config, swarm, manifest, store, store, "me")
     assert agg.poll() is False and agg.poll() is False
@@ -268,7 +278,7 @@ def test_an_expert_config_must_name_every_recipe_field_and_the_class(tmp_path):
     from isles.protocol.dht import DHTConfig
 
     recipe = SimpleNamespace(
-        preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm", text_width=None
+        preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm", text_width=None, frames=None
     )
     store = open_store(tmp_path / "store")
     manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri, experts=[recipe])
@@ -283,3 +293,55 @@ def test_an_expert_config_must_name_every_recipe_field_and_the_class(tmp_path):
     assert "num_class_embeds is missing" in agg._check_config("expert-0", folder)
     (folder / "config.json").write_text(json.dumps({**honest, "_class_name": "DiTTransformer2DModel"}))
     assert "_class_name" in agg._check_config("expert-0", folder)
+    # Every key is compared, not only the recipe's: an extra constructor argument could allocate huge layers.
+    (folder / "config.json").write_text(json.dumps({**honest, "time_embedding_dim": 1 << 20}))
+    assert "time_embedding_dim is 1048576, expected None" in agg._check_config("expert-0", folder)
+    (folder / "config.json").write_text(json.dumps({**honest, "extra_layers": 64}))
+    assert "extra_layers is not part of the recipe" in agg._check_config("expert-0", folder)
+    (folder / "config.json").write_text(json.dumps({**honest, "mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}))
+    assert "mid_block_type" in agg._check_config("expert-0", folder)
+
+
+def test_oversized_releases_are_refused_unread_and_judgments_survive_a_restart(tmp_path):
+    """A release larger than the recipe's model is refused before download, the refusal is kept in the work folder
+    (a restarted aggregator does not pull it again), and nothing of a rejected release stays on disk."""
+    from types import SimpleNamespace
+
+    from isles.client.aggregate import AggregateConfig, Aggregator
+    from isles.experts.presets import build_model
+    from isles.protocol.artifacts import folder_files, open_store
+    from isles.protocol.dht import DHTConfig
+    from isles.protocol.records import FencingToken
+
+    store = open_store(tmp_path / "store")
+    folder = tmp_path / "huge"
+    build_model("unet-tiny", 1, 8, 10).save_pretrained(folder)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * (64 << 20))  # 64 MiB for a ~1 MiB model
+    revision = store.publish("huge", folder)
+    token = FencingToken(unit="expert-0", attempt=1, owner="peer", claimed_time=0.0)
+    release = SimpleNamespace(
+        run_id="r", unit="expert-0", token=token, repo="huge", revision=revision, files=folder_files(folder)
+    )
+    rejections = []
+    swarm = SimpleNamespace(
+        get_releases=lambda run_id, unit: [release] if unit == "expert-0" else [], put_rejection=rejections.append
+    )
+    recipe = SimpleNamespace(
+        preset="unet-tiny", channels=1, resolution=8, num_classes=10, objective="fm", text_width=None, frames=None
+    )
+    manifest = SimpleNamespace(run_id="r", units=["expert-0", "router"], store=store.uri, experts=[recipe])
+    config = AggregateConfig(swarm=DHTConfig(), work_dir=tmp_path / "agg")
+    pulls = []
+    pull = store.pull
+    store.pull = lambda *args, **kwargs: (pulls.append(args), pull(*args, **kwargs))[1]
+
+    agg = Aggregator(config, swarm, manifest, store, store, "me")
+    assert agg.poll() is False
+    assert len(rejections) == 1 and "too large" in rejections[0].reason and len(pulls) == 1
+    assert not (tmp_path / "agg" / "r" / "releases" / "expert-0" / revision).exists()
+    assert (tmp_path / "agg" / "r" / "judgments.json").is_file()
+
+    again = Aggregator(config, swarm, manifest, store, store, "me")  # a restart: same work folder
+    assert again.poll() is False
+    assert len(pulls) == 1 and len(rejections) == 1  # judged from the file, not downloaded again
+    assert "too large" in again.summary()["rejections"][0]["reason"]

@@ -255,30 +255,35 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
     the trainer would refuse it, and every later volunteer of the unit would fail the same way."""
     from types import SimpleNamespace
 
+    import torch
+
     from isles.client.join import JoinConfig, Volunteer
     from isles.experts import checkpoints
     from isles.experts.trainer import TrainRecipe
     from isles.protocol.artifacts import folder_files, open_store
     from isles.protocol.dht import DHTConfig
 
-    task = SimpleNamespace(describe=lambda: {"kind": "expert", "preset": "unet-tiny"})
+    task = SimpleNamespace(describe=lambda: {"kind": "expert", "preset": "unet-tiny"}, build_model=lambda: model)
+    model = torch.nn.Linear(2, 2)
     mine = TrainRecipe(steps=100, global_batch=16, seed=0)
     store = open_store(tmp_path / "store")
     pointers = {}
 
-    def push(recipe: TrainRecipe, step: int):
-        folder = tmp_path / f"push-{recipe.seed}-{step}"
+    def push(recipe: TrainRecipe, step: int, weights=None):
+        folder = tmp_path / f"push-{recipe.seed}-{step}-{len(pointers)}"
         folder.mkdir()
-        state = {"step": step, "recipe": recipe.to_dict(), "task": task.describe()}
+        weights = model.state_dict() if weights is None else weights
+        state = {"step": step, "recipe": recipe.to_dict(), "task": task.describe(), "model": weights}
         checkpoints.write_checkpoint(folder, step, state)
         revision = store.publish("ckpts", folder)
-        pointers["p"] = SimpleNamespace(
+        pointers[len(pointers)] = SimpleNamespace(
             repo="ckpts", revision=revision, files=folder_files(folder), step=step, token=SimpleNamespace(owner="x")
         )
 
     volunteer = Volunteer(JoinConfig(swarm=DHTConfig()), console=None)
     volunteer.store, volunteer.manifest = store, SimpleNamespace(run_id="r")
-    volunteer.swarm = SimpleNamespace(latest_checkpoint=lambda run_id, unit: pointers["p"])
+    # Furthest first, as the swarm orders them (the last pushed is the furthest here).
+    volunteer.swarm = SimpleNamespace(checkpoints_to_resume=lambda run_id, unit: list(reversed(pointers.values())))
     volunteer.display = SimpleNamespace(event=lambda text: None)
     unit_dir = tmp_path / "unit"
 
@@ -287,6 +292,9 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
     assert checkpoints.list_checkpoints(unit_dir / "checkpoints") == []
 
     push(mine, 40)
+    # Checkpoints that do not fit the recipe's model, or sit at its last step, are skipped for the furthest that does.
+    push(mine, 60, weights=torch.nn.Linear(2, 3).state_dict())
+    push(mine, 100)
     assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine) == 40
     assert [s for s, _ in checkpoints.list_checkpoints(unit_dir / "checkpoints")] == [40]
 

@@ -13,7 +13,7 @@ import pytest
 from isles.protocol import keys
 from isles.protocol.dht import DHTConfig, open_dht
 from isles.protocol.errors import IslesError
-from isles.protocol.identity import load_identity
+from isles.protocol.identity import ephemeral_identity, load_identity
 from isles.protocol.records import (
     Claim,
     ExpertRecipe,
@@ -26,11 +26,15 @@ from isles.protocol.records import (
 from isles.protocol.swarm import Swarm, dht_time
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+_OWNER = ephemeral_identity()
+_OWNER.forget_key_file()
 
 
-def make_manifest(num_shards: int = 2, name: str = "test-run") -> RunManifest:
-    """A small valid manifest (tests in other files import this)."""
+def make_manifest(num_shards: int = 2, name: str = "test-run", owner=None, aggregators=()) -> RunManifest:
+    """A small valid manifest signed by `owner` (an Identity; a throwaway one by default); other tests import it."""
     return RunManifest.create(
+        signer=owner or _OWNER,
+        aggregators=aggregators,
         name=name,
         dataset="digits",
         store="/tmp/isles-test-store",
@@ -119,6 +123,29 @@ def test_identity_persists_with_private_files(tmp_path):
     os.chmod(folder / "signing.key", 0o600)
     with pytest.raises(IslesError, match="damaged"):
         load_identity(folder)
+
+
+def test_a_manifest_is_signed_by_the_owner_it_names_who_names_the_aggregators():
+    owner, aggregator, stranger = (ephemeral_identity() for _ in range(3))
+    manifest = make_manifest(owner=owner)
+    assert manifest.owner == owner.owner_key and manifest.aggregators == [owner.owner_key]
+    assert manifest.may_aggregate(owner.public_key) and not manifest.may_aggregate(stranger.public_key)
+    named = make_manifest(owner=owner, aggregators=[aggregator.owner_key])
+    assert named.may_aggregate(aggregator.public_key) and not named.may_aggregate(owner.public_key)
+    assert named.run_id != manifest.run_id  # the authority is part of the run: nobody can swap it under the same id
+
+    # A stranger re-signing the owner's run as its own, or the owner's signature on other content, is refused.
+    value = manifest.dict()
+    for forged in (
+        {**value, "owner": stranger.owner_key},
+        {**value, "aggregators": [stranger.owner_key], "signature": value["signature"]},
+        {**value, "signature": stranger.sign(b"anything")},
+        {k: v for k, v in value.items() if k != "signature"},
+    ):
+        with pytest.raises(pydantic.ValidationError):
+            RunManifest.parse_obj(forged)
+    for identity in (owner, aggregator, stranger):
+        identity.forget_key_file()
 
 
 # --- records in a real swarm ----------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ def aggregate(
     until_complete: bool = typer.Option(False, "--until-complete", help="Exit once every unit is published."),
     poll_period: float = typer.Option(10.0, "--poll-period", help="Seconds between passes."),
     sample_steps: int = typer.Option(30, "--sample-steps", min=1, help="Euler steps of the model card's samples."),
+    replay_fraction: float = typer.Option(
+        0.1, "--replay-fraction", min=0.0, max=1.0, help="Share of pushed checkpoints verified by replaying training."
+    ),
     work_dir: Path = options.work_dir_option("aggregate", "Pulled releases and the ensemble."),
     identity: options.IdentityDir = None,
     summary: Path = typer.Option(None, "--summary", help="Also write the summary JSON to this file."),
@@ -52,6 +55,7 @@ def aggregate(
         until_complete=until_complete,
         poll_period=poll_period,
         sample_steps=sample_steps,
+        replay_fraction=replay_fraction,
         summary=summary,
     )
     with StopSignals("stopping after this pass") as signals:

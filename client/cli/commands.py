@@ -5,13 +5,15 @@ The order is the order of `isles --help`: a newcomer's first command, then a vol
 
 from __future__ import annotations
 
-from . import aggregate, demo, eval, join, partition, sample, swarm, train
+from . import aggregate, demo, doctor, eval, join, partition, sample, swarm, train, verify
 
 REGISTRY = [
     demo.register,
     join.register,
+    doctor.register,
     swarm.register,
     aggregate.register,
+    verify.register,
     partition.register,
     train.register,
     sample.register,

@@ -20,8 +20,9 @@ def register(app: typer.Typer) -> None:
 def partition(
     source: str = typer.Argument(
         ...,
-        help="digits, procedural[:N], a folder of images (class subfolders; or captions in metadata.jsonl / .txt), "
-        "WebDataset tars (a .tar, a folder of them, or shards-{0000..0009}.tar), or hf:<dataset>[:split].",
+        help="digits, procedural[:N], procedural-video[:N], a folder of images (class subfolders; or captions in "
+        "metadata.jsonl / .txt), WebDataset tars (a .tar, a folder of them, or shards-{0000..0009}.tar), or "
+        "hf:<dataset>[:split]; with --frames, videos (mp4, webm, ...) in a folder, tars or an hf data set.",
     ),
     experts: int = typer.Option(..., "--experts", "-k", help="Number of clusters = experts."),
     out: Path = typer.Option(..., "--out", help="Run folder: manifest.json, shards/, clusters/ and the local store."),
@@ -53,11 +54,30 @@ def partition(
     image_column: str = typer.Option(None, "--image-column", help="hf: and tar sources: the image column."),
     caption_column: str = typer.Option(None, "--caption-column", help="The caption column (default: text/caption)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most this many items of the source."),
+    frames: int = typer.Option(
+        None, "--frames", min=2, help="Video: frames per clip (the source holds videos; procedural-video: 16)."
+    ),
+    fps: float = typer.Option(
+        None, "--fps", min=0.1, help="Video files: frames sampled per second (default: every frame of the file)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the run id, manifest path and clusters as JSON."),
+    identity: Path = typer.Option(
+        None, "--identity", metavar="DIR", help="The run owner's identity, which signs the manifest (default: yours)."
+    ),
+    progress_timeout: float = typer.Option(
+        900.0, "--progress-timeout", min=1.0, help="Seconds a lease holder may go without a verified checkpoint."
+    ),
+    aggregators: list[str] = typer.Option(
+        None,
+        "--aggregator",
+        metavar="KEY",
+        help="An aggregator's public key (ssh-rsa ...) or identity folder; repeatable (default: the owner).",
+    ),
 ) -> None:
     """Embed every item, cluster with k-means, write and publish one shard per cluster, write the run manifest."""
     from isles.experts.presets import get_preset, is_text_preset
     from isles.protocol.errors import IslesError
+    from isles.protocol.identity import parse_owner_key
     from isles.router.model import ROUTER_PRESETS
     from isles.router.partition import PartitionConfig, parse_objectives
     from isles.router.partition import partition as run_partition
@@ -73,6 +93,17 @@ def partition(
     if is_text_preset(preset) != (conditioning == "text"):
         hint = "pixart-tiny with --conditioning text" if conditioning == "text" else "a unet-*/dit-* preset"
         raise IslesError(f"preset {preset} does not fit {conditioning or 'class'} conditioning", hint=f"use {hint}")
+    from isles.experts.presets import is_video_preset
+    from isles.experts.procedural_video import is_procedural_video
+
+    video = frames is not None or is_procedural_video(source)
+    if is_video_preset(preset) != video:
+        if video:
+            raise IslesError(f"{source} holds clips, {preset} is an image preset", hint="use a video preset: wan-tiny")
+        raise IslesError(
+            f"{preset} is a video preset, {source} holds images",
+            hint="pass --frames N for a source of videos, or pick an image preset",
+        )
     if not 0.0 <= caption_dropout < 1.0:
         raise IslesError(f"--caption-dropout must be in [0, 1), got {caption_dropout}")
     config = PartitionConfig(
@@ -101,6 +132,11 @@ def partition(
         image_column=image_column,
         caption_column=caption_column,
         limit=limit,
+        frames=frames,
+        fps=fps,
+        identity=identity,
+        progress_timeout=progress_timeout,
+        aggregators=tuple(parse_owner_key(a) for a in aggregators or ()),
     )
     with output.progress(transient=True) as bar:
         tasks: dict[str, object] = {}
@@ -117,7 +153,14 @@ def partition(
         path = out / "clusters" / f"cluster-{c}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         pixels = _preview(examples)
-        save_png(image_grid(pixels, cols=len(pixels), scale=max(1, 32 // pixels.shape[-1])), path)
+        if pixels.ndim == 5:  # clips: a looping GIF of them and a sheet of their frames
+            from isles.experts.video_files import save_clip_grid_gif, save_frame_sheet
+
+            clips = pixels.float() / 127.5 - 1
+            save_clip_grid_gif(clips, path.with_suffix(".gif"), nrow=len(clips), scale=max(1, 32 // clips.shape[-1]))
+            save_frame_sheet(clips, path, scale=max(1, 32 // clips.shape[-1]))
+        else:
+            save_png(image_grid(pixels, cols=len(pixels), scale=max(1, 32 // pixels.shape[-1])), path)
         strips.append(str(path))
     manifest = result.manifest
     total = sum(result.sizes)
@@ -145,6 +188,7 @@ def partition(
                 "items": total,
                 "skipped": result.skipped,
                 "skipped_examples": result.skipped_examples or [],
+                "skipped_short": result.skipped_short,
                 "clusters": rows,
             }
         )
@@ -169,6 +213,8 @@ def partition(
     if result.skipped:
         examples = ", ".join(result.skipped_examples or [])
         output.stdout.print(f"skipped:  {result.skipped} items that could not be decoded ({examples})")
+    if result.skipped_short:
+        output.stdout.print(f"skipped:  {result.skipped_short} videos shorter than half of --frames (shorter: padded)")
     output.stdout.print(f"run id:   {manifest.run_id}")
     output.stdout.print(f"manifest: {result.manifest_path}")
     output.stdout.print(f"examples: {Path(strips[0]).parent}/cluster-<i>.png")

@@ -156,7 +156,9 @@ def _print_run(view) -> None:
         )
         table.add_row(
             escape(u.unit),
-            u.state + (f" ({u.claimants} racing)" if u.claimants > 1 else ""),
+            u.state
+            + (f" ({u.claimants} racing)" if u.claimants > 1 else "")
+            + (f" ({len(u.stalled)} stalled: {', '.join(_short(p) for p in u.stalled)})" if u.stalled else ""),
             escape(_short(u.owner)),
             progress,
             f"{u.samples_per_s:.1f}" if u.samples_per_s else "-",

@@ -1,0 +1,166 @@
+"""The aggregator's checkpoint witness: each poll, pull every lease holder's newest pushed checkpoint (size-bounded),
+check that it loads into the recipe's model, stops short of the last step and advances, and, given a `replay`, that
+training from the holder's previous verified checkpoint on the shard lands on it (experts/replay.py); then sign a
+VerifiedCheckpoint (protocol/witness.py). Resumers install only verified checkpoints; holders whose checkpoints never
+verify lose their lease after the progress timeout; a holder whose segment does not replay is verified no more.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("isles.aggregate")
+
+MAX_PER_POLL = 4  # downloads per poll: a flood of pointers delays verification, it does not stall the aggregator
+MAX_JUDGED = 10_000
+_RANDOM = random.SystemRandom()
+
+
+class CheckpointWitness:
+    """Verifies pushed checkpoints for the aggregator; `recipe_model(unit)`: the recipe's model on the meta device."""
+
+    def __init__(self, swarm, manifest, store, work: Path, recipe_model, replay=None, replay_fraction: float = 1.0):
+        self.swarm, self.manifest, self.store, self.work = swarm, manifest, store, Path(work)
+        self.recipe_model = recipe_model
+        self.replay = replay  # replay(unit, start_path, end_path) -> experts.replay.ReplayResult, or None: no replay
+        # unit -> ((unit, holder, attempt), its last verified checkpoint): one file per unit, the current holder's
+        self.kept: dict[str, tuple[tuple[str, str, int], Path]] = {}
+        self.cheaters: set[str] = set()  # holders a segment of which did not replay
+        self.replay_fraction = replay_fraction  # segments replayed at random: a holder cannot tell which
+        self.done: set[str] = set()  # units with an accepted release: nothing left to verify
+        self.judged: dict[tuple[str, str], bool] = {}  # (repo, revision) -> verified
+        self.verified_step: dict[tuple[str, str, int], int] = {}  # (unit, holder, attempt) -> newest verified step
+        self.stalled: dict[str, list[str]] = {}  # unit -> holders of live claims without verified progress in time
+
+    def poll(self) -> int:
+        """Verify up to MAX_PER_POLL new pointers; returns how many were verified."""
+        from isles.protocol.swarm import recipe_steps
+
+        budget, verified = MAX_PER_POLL, 0
+        for unit in [u for u in self.manifest.units if u not in self.done]:
+            holder = self._holder(unit)  # only the lease holder's checkpoints are verified, as this aggregator judges
+            newest: dict[tuple[str, int], object] = {}
+            for e in self.swarm.valid_checkpoints(self.manifest.run_id, unit):
+                key = (e.peer_id, e.record.token.attempt)
+                if key == holder and (key not in newest or e.record.step > newest[key].record.step):
+                    newest[key] = e
+            for (holder, attempt), e in newest.items():
+                pointer = e.record
+                if (pointer.repo, pointer.revision) in self.judged or budget == 0:
+                    continue
+                budget -= 1
+                ok = self._check(unit, pointer, recipe_steps(self.manifest, unit), (unit, holder, attempt))
+                self._remember((pointer.repo, pointer.revision), ok)
+                if ok:
+                    verified += 1
+                    self.verified_step[(unit, holder, attempt)] = pointer.step
+                    self._publish(unit, holder, attempt, pointer)
+        return verified
+
+    def _holder(self, unit: str) -> tuple[str, int] | None:
+        """(peer id, attempt) of the unit's lease holder, judged as volunteers judge it (first-seen ages, stalled
+        holders ignored); logs holders that stall (once each)."""
+        from isles.protocol.leases import LeaseSettings, owner_of, progress_of, stalled_claims
+        from isles.protocol.swarm import dht_time
+
+        settings, now = LeaseSettings(progress_timeout=self.manifest.progress_timeout), dht_time()
+        entries = self.swarm.get_claims(self.manifest.run_id, unit)
+        progress = progress_of(self.swarm, self.manifest.run_id, unit)
+        stalled = sorted({e.peer_id for e in stalled_claims(entries, now, progress, settings.progress_timeout)})
+        for peer_id in set(stalled) - set(self.stalled.get(unit, [])):
+            log.warning(
+                "%s: %s holds a claim but shows no verified progress: stalled, others may take it", unit, peer_id
+            )
+        self.stalled[unit] = stalled
+        owner = owner_of(entries, now, settings.backdate_grace, progress, settings.progress_timeout)
+        return None if owner is None else (owner.peer_id, owner.record.attempt)
+
+    def forget(self, units) -> None:
+        """Stop watching `units` (their releases are accepted): delete what was kept for their replays."""
+        for unit in units:
+            if unit in self.kept:
+                self.kept.pop(unit)[1].unlink(missing_ok=True)
+        self.done = set(units)
+
+    def _check(self, unit: str, pointer, steps: int, holder_key) -> bool:
+        from isles.experts import checkpoints
+        from isles.protocol.errors import IslesError
+
+        if pointer.step <= self.verified_step.get(holder_key, 0) or holder_key[1] in self.cheaters:
+            return False  # no progress over what this holder already showed, or it was caught
+        model = self.recipe_model(unit)
+        folder = self.work / "verify" / pointer.revision[:32]
+        try:
+            self.store.pull(
+                pointer.repo, pointer.revision, folder, pointer.files, max_bytes=checkpoints.size_bound(model)
+            )
+            path = checkpoints.latest_checkpoint(folder)
+            if path is None:
+                raise IslesError("no whole checkpoint")
+            if checkpoints.check_foreign(path, model, steps) != pointer.step:
+                raise IslesError("not at the step its pointer says")
+            previous = self.kept[unit][1] if self.kept.get(unit, (None,))[0] == holder_key else None
+            if self.replay is not None and previous is not None and _RANDOM.random() < self.replay_fraction:
+                result = self.replay(unit, previous, path)
+                if not result.ok:
+                    self.cheaters.add(holder_key[1])
+                    raise IslesError(
+                        f"training steps {result.start_step}-{result.end_step} on the shard do not land on it "
+                        f"(relative error {result.relative_error:.3g}): not trained as the recipe says"
+                    )
+                log.info(
+                    "%s: steps %d-%d of %s replayed (%s)",
+                    unit,
+                    result.start_step,
+                    result.end_step,
+                    holder_key[1],
+                    "exact" if result.exact else f"relative error {result.relative_error:.2e}",
+                )
+            kept = self.work / "verify" / "kept" / f"{unit}.isles"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, kept)  # the start of the next segment to replay
+            self.kept[unit] = (holder_key, kept)
+            return True
+        except IslesError as exc:
+            log.warning(
+                "%s: checkpoint %s@%s from %s does not verify: %s",
+                unit,
+                pointer.repo,
+                pointer.revision[:12],
+                pointer.token.owner,
+                exc,
+            )
+            return False
+        except Exception as exc:  # anything a hostile file can provoke: refused, never fatal
+            log.warning(
+                "%s: checkpoint from %s does not verify: %s: %s", unit, pointer.token.owner, type(exc).__name__, exc
+            )
+            return False
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _publish(self, unit: str, holder: str, attempt: int, pointer) -> None:
+        from isles.protocol.swarm import dht_time
+        from isles.protocol.witness import VerifiedCheckpoint, put_verified
+
+        record = VerifiedCheckpoint(
+            run_id=self.manifest.run_id,
+            unit=unit,
+            holder=holder,
+            attempt=attempt,
+            repo=pointer.repo,
+            revision=pointer.revision,
+            step=pointer.step,
+            verified_time=dht_time(),
+            peer_id=self.swarm.peer_id,
+        )
+        if put_verified(self.swarm, record):
+            log.info("%s: verified the checkpoint of %s at step %d", unit, holder, pointer.step)
+
+    def _remember(self, key: tuple[str, str], ok: bool) -> None:
+        if len(self.judged) >= MAX_JUDGED:
+            del self.judged[next(iter(self.judged))]
+        self.judged[key] = ok

@@ -1,0 +1,79 @@
+"""Verified training by replay: start from one pushed checkpoint of a unit, train the recipe's task on the unit's
+shard up to the step of the next pushed checkpoint, and compare weights. The trainer resumes bit-identically on a CPU
+(tests/test_trainer.py), so an honest segment lands exactly on the next checkpoint; one trained on noise or on another
+shard does not. Across hardware (or micro-batches) pass a tolerance: how far the replayed weights may land from the
+claimed ones, as a fraction of how far the segment moved them (L2 norms over every weight).
+
+    result = replay_segment(task, recipe, start_ckpt, end_ckpt, work_dir)   # result.ok, result.relative_error
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from isles.protocol.errors import IslesError
+
+from . import checkpoints
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    start_step: int
+    end_step: int
+    error: float  # ||replayed - claimed||: where the replay landed, from where the checkpoint says training landed
+    moved: float  # ||claimed - start||: how far the segment moved the weights
+    tolerance: float
+
+    @property
+    def relative_error(self) -> float:
+        return self.error / self.moved if self.moved > 0 else (0.0 if self.error == 0 else float("inf"))
+
+    @property
+    def ok(self) -> bool:
+        return self.relative_error <= self.tolerance
+
+    @property
+    def exact(self) -> bool:
+        return self.error == 0.0
+
+
+def replay_segment(
+    task, recipe, start: str | Path, end: str | Path, work: str | Path, tolerance: float = 0.0, device: str = "cpu"
+) -> ReplayResult:
+    """Replay training from checkpoint `start` to the step of checkpoint `end` in `work` (emptied first); compare the
+    model weights. Both checkpoints must be of `recipe` and `task` (the trainer refuses anything else)."""
+    from .trainer import train
+
+    start_state, end_state = checkpoints.read_checkpoint(start), checkpoints.read_checkpoint(end)
+    first, last = int(start_state["step"]), int(end_state["step"])
+    if not 0 < first < last <= recipe.steps:
+        raise IslesError(f"cannot replay from step {first} to step {last} of a {recipe.steps}-step recipe")
+    claimed = end_state.get("model")
+    if not isinstance(claimed, dict):
+        raise IslesError(f"checkpoint {end} holds no model weights")
+    work = Path(work)
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(start, work / "checkpoints" / checkpoints.checkpoint_name(first))
+    result = train(task, recipe, work, device=device, stop_at_step=last, export=False)
+    if result.step != last:
+        raise IslesError(f"the replay stopped at step {result.step}, not {last}")
+    replayed = checkpoints.read_checkpoint(checkpoints.latest_checkpoint(work / "checkpoints"))["model"]
+    if replayed.keys() != claimed.keys():
+        raise IslesError(f"checkpoint {end} is not of the recipe's model")
+    error, moved, begin = 0.0, 0.0, start_state["model"]
+    for name, tensor in replayed.items():
+        other = claimed[name]
+        if tensor.shape != other.shape or begin.get(name) is None or begin[name].shape != other.shape:
+            raise IslesError(f"checkpoint {end}: {name} is not of the shape of the recipe's model")
+        if tensor.is_floating_point():
+            error += float((tensor.double() - other.double()).pow(2).sum())
+            moved += float((other.double() - begin[name].double()).pow(2).sum())
+        elif not torch.equal(tensor, other):
+            error = float("inf")
+    shutil.rmtree(work, ignore_errors=True)
+    return ReplayResult(first, last, error**0.5, moved**0.5, tolerance)
