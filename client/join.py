@@ -28,6 +28,7 @@ from .run_access import (
     shard_stores,
     unit_task,
 )
+from .unit_choice import largest_first, units_too_slow
 
 log = logging.getLogger("isles.join")
 
@@ -51,6 +52,7 @@ class JoinConfig:
     name: str = ""  # shown in model cards as who trained a unit (default: the peer id)
     plain: bool | None = None  # None: plain log lines unless stderr is a terminal
     micro_batch: int | None = None
+    max_unit_hours: float | None = None  # leave units a measured step says would take longer than this here
 
 
 @dataclass
@@ -79,10 +81,12 @@ class Volunteer:
         self.push_failures = 0  # checkpoint pushes that failed: shown as they happen
         self.refused: dict[str, str] = {}  # units this machine cannot train, and why (said once, then in `skipped`)
         self.skipped: set[str] = set()
+        self.unit_sizes: dict[str, int] = {}  # unit -> parameters x steps: the largest this machine can finish first
 
     def run(self) -> list[UnitOutcome]:
         from isles.protocol.artifacts import open_store
         from isles.protocol.leases import LeaseManager, LeaseSettings
+        from isles.protocol.records import expert_unit
 
         from .machine import check_machine, param_count, require_fit, resolve_device
         from .preflight import preflight
@@ -106,6 +110,15 @@ class Volunteer:
                 self.display.event(line)
             require_fit(self.machine)
             self.refused = self._units_that_do_not_fit()
+            units = [expert_unit(i) for i in range(len(m.experts))]
+            self.unit_sizes = {u: needs[_need_label(e)] * e.steps for u, e in zip(units, m.experts, strict=True)}
+            if c.max_unit_hours is not None:
+                fitting = [(e, u) for e, u in zip(m.experts, units, strict=True) if u not in self.refused]
+                slow = units_too_slow(
+                    [e for e, _ in fitting], [u for _, u in fitting], resolve_device(c.device), c.max_unit_hours,
+                    [_need_label(e) for e, _ in fitting],
+                )  # fmt: skip
+                self.refused.update(slow)
             # Shards come from the run's store (or --store, when it mirrors them); our work goes to --store.
             self.store = open_store(c.store or m.store, token=c.token)
             self.shard_stores = shard_stores(m.store, self.store, c.token)
@@ -162,7 +175,10 @@ class Volunteer:
                     self.skipped.add(unit)
             open_units = [u for u in open_units if u not in self.skipped]
             if not open_units and any(u not in released for u in self.skipped):
-                self.display.event("the units left need more memory than this machine has: nothing to train here")
+                self.display.event(
+                    "the units left need more memory (or time: --max-unit-hours) than this machine has: nothing to "
+                    "train here"
+                )
                 return
             if not open_units:
                 if rejected:
@@ -177,7 +193,8 @@ class Volunteer:
             # Units someone already pushed a checkpoint for come first: their work is not lost twice.
             started = [u for u in open_units if self.swarm.latest_checkpoint(m.run_id, u) is not None]
             lease = self.leases.acquire(started) if started else None
-            lease = lease or self.leases.acquire([u for u in open_units if u not in started])
+            for group in largest_first([u for u in open_units if u not in started], self.unit_sizes):
+                lease = lease or self.leases.acquire(group)
             if lease is None:
                 if not waiting_logged:
                     self.display.event(

@@ -147,4 +147,45 @@ def test_a_volunteer_does_not_claim_a_unit_its_memory_cannot_train(monkeypatch):
     assert not loop.is_alive()
     assert claims == [["expert-0"]]  # never offered the unit that does not fit
     assert "not taking expert-1: dit-xl-2 32x32x3 needs ~13.1 GB, 4.0 GB free" in events
-    assert events[-1].startswith("the units left need more memory than this machine has")
+    assert events[-1].startswith("the units left need more memory (or time: --max-unit-hours) than this machine")
+
+
+def test_units_too_slow_for_this_machine_are_refused_by_a_measured_step_and_the_largest_go_first():
+    """--max-unit-hours: a real training step of each recipe is measured here; a unit whose steps x batch would take
+    longer is left, with the estimate in the reason; among the others the largest (parameters x steps) is offered
+    first, equal ones as one group for the lease manager's rendezvous order."""
+    from types import SimpleNamespace
+
+    from isles.client.unit_choice import largest_first, unit_hours, units_too_slow
+
+    assert unit_hours(1000, 64, 0.25) == pytest.approx(1000 * 64 * 0.25 / 3600)
+    recipe = dict(channels=1, resolution=8, num_classes=10, text_width=None, text_length=None, frames=None)
+    short = SimpleNamespace(preset="unet-micro", steps=10, global_batch=8, **recipe)
+    long = SimpleNamespace(preset="unet-micro", steps=10_000_000, global_batch=64, **recipe)
+    labels = ["unet-micro 8x8x1", "unet-micro 8x8x1"]
+    refused = units_too_slow([short, long], ["expert-0", "expert-1"], "cpu", 1.0, labels)
+    assert list(refused) == ["expert-1"]  # one measured step (the same recipe shape is measured once) decides
+    assert "h on this machine" in refused["expert-1"] and "over --max-unit-hours 1" in refused["expert-1"]
+    assert units_too_slow([short], ["expert-0"], "cpu", 1e-9, labels[:1])  # any limit below the measured time
+
+    sizes = {"expert-0": 10, "expert-1": 500, "expert-2": 500}
+    assert largest_first(["expert-0", "expert-1", "expert-2", "router"], sizes) == [
+        ["expert-1", "expert-2"], ["expert-0"], ["router"]
+    ]  # fmt: skip
+
+
+def test_join_with_max_unit_hours_leaves_units_it_cannot_finish_and_claims_none(swarm_run, tmp_path):
+    """`isles join --max-unit-hours` far below what a measured step gives: every expert unit is left with its estimate,
+    none is claimed; the router (tiny, not measured) is all it may take."""
+    from isles.client.run_access import released_units
+
+    peer, swarm, manifest = swarm_run
+    open_experts = [u for u in ("expert-0", "expert-1") if u not in released_units(swarm, manifest)]
+    assert open_experts  # (the module's other tests may have released one)
+    args = _join_args(peer, manifest, tmp_path, "--store", str(tmp_path / "store"), "--max-unit-hours", "0.000001")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    for unit in open_experts:
+        assert f"not taking {unit}: unet-tiny 8x8x1: ~" in log and "over --max-unit-hours 1e-06" in log, log[-3000:]
+        assert swarm.get_claims(manifest.run_id, unit) == []

@@ -51,6 +51,12 @@ def join(
         120.0, "--contact-timeout", min=0.0, help="Seconds to keep retrying unreachable --peers (0: try once)."
     ),
     micro_batch: int = typer.Option(None, "--micro-batch", min=1, help="Items per forward pass (default: auto)."),
+    max_unit_hours: float = typer.Option(
+        None,
+        "--max-unit-hours",
+        min=0.0,
+        help="Leave units a measured training step says would take longer than this here (default: no limit).",
+    ),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Train each unit data-parallel on N GPUs (under torchrun)."),
     plain: bool = typer.Option(None, "--plain/--live", help="Plain log lines or the live panel (default: by tty)."),
     as_json: options.Json = False,
@@ -79,6 +85,7 @@ def join(
         name=name,
         plain=plain,
         micro_batch=micro_batch,
+        max_unit_hours=max_unit_hours,
         contact_timeout=contact_timeout,
     )
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
