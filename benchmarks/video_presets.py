@@ -17,19 +17,13 @@ import torch
 from isles.experts.conditioning import TextCondition
 from isles.experts.device import pick_device
 from isles.experts.objectives import draw_noise, loss_at
-from isles.experts.presets import build_model, count_parameters, get_preset, model_forward
+from isles.experts.presets import build_model, clip_shape, count_parameters, model_forward
 
 TEXT = (16, 4096)  # tokens x width: Wan 2.1's umT5 embeddings (the cost of cross-attention grows with them)
 
 
-def shape_of(preset: str) -> tuple[int, int, int]:
-    """(channels, frames, side): pixel clips 3x16x32x32 for the 2x4x4-patch tiny preset; Wan 2.1 VAE latents of a
-    17-frame 256x256 clip, 16x5x32x32, for the others."""
-    return (3, 16, 32) if get_preset(preset).patch_frames > 1 else (16, 5, 32)
-
-
 def measure(preset: str, batch: int, steps: int, device: torch.device) -> dict:
-    c, f, side = shape_of(preset)
+    c, f, side = clip_shape(preset)
     model = build_model(preset, c, side, None, text_width=TEXT[1], frames=f).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = [p.detach().clone() for p in model.parameters()]

@@ -86,13 +86,13 @@ def _device(config: DoctorConfig) -> Check:
 def preset_shape(preset: str) -> dict:
     """The data shape a preset is measured at when no run says otherwise: 32x32x4 latents with 10 classes; for text
     presets 77 caption tokens of width 768 instead of classes; for video presets the clips `isles presets` uses."""
-    from isles.experts.presets import TEXT_FAMILIES, VIDEO_FAMILIES, get_preset
+    from isles.experts.presets import TEXT_FAMILIES, VIDEO_FAMILIES, clip_shape, get_preset
 
     p = get_preset(preset)
     if p.family in VIDEO_FAMILIES:
-        pixels = p.patch_frames > 1  # the procedural set's 3x16x32x32 pixel clips, else Wan's 16x5x32x32 latents
-        return {"channels": 3 if pixels else 16, "resolution": 32, "num_classes": None, "text_width": 768,
-                "text_length": 77, "frames": 16 if pixels else 5}  # fmt: skip
+        channels, frames, side = clip_shape(preset)
+        return {"channels": channels, "resolution": side, "num_classes": None, "text_width": 768,
+                "text_length": 77, "frames": frames}  # fmt: skip
     if p.family in TEXT_FAMILIES:
         return {
             "channels": 4,

@@ -500,6 +500,12 @@ def preset_stats(
     return {"parameters": count_parameters(model), "train_flops_per_sample": int(counter.get_total_flops())}
 
 
+def clip_shape(preset: str, latent_side: int = 32) -> tuple[int, int, int]:
+    """(channels, frames, side) a video preset is measured at: the procedural set's 3x16x32x32 pixel clips for presets
+    with 2-frame patches (wan-tiny), else Wan 2.1's VAE latents of a 17-frame 256x256 clip, 16x5x32x32."""
+    return (3, 16, 32) if get_preset(preset).patch_frames > 1 else (16, 5, latent_side)
+
+
 def describe_presets(
     channels: int = 4, resolution: int = 32, num_classes: int | None = 1000, text_width: int = 768
 ) -> list[dict]:
@@ -508,10 +514,9 @@ def describe_presets(
     rows = []
     for name, p in PRESETS.items():
         try:
-            if p.family in VIDEO_FAMILIES and p.patch_frames > 1:  # the procedural set's pixel clips, 3x16x32x32
-                stats = preset_stats(name, 3, 32, None, text_width, frames=16)
-            elif p.family in VIDEO_FAMILIES:  # Wan 2.1's VAE latents of a 17-frame 256x256 clip: 16x5x32x32
-                stats = preset_stats(name, 16, resolution, None, text_width, frames=5)
+            if p.family in VIDEO_FAMILIES:
+                c, frames, side = clip_shape(name, resolution)
+                stats = preset_stats(name, c, side, None, text_width, frames=frames)
             elif p.family in TEXT_FAMILIES:
                 stats = preset_stats(name, channels, resolution, None, text_width)
             else:

@@ -13,6 +13,7 @@ from isles.experts.objectives import training_loss
 from isles.experts.presets import (
     PRESETS,
     build_model,
+    clip_shape,
     count_parameters,
     is_text_preset,
     is_video_preset,
@@ -166,8 +167,8 @@ def test_flops_are_counted_not_guessed_and_match_the_dit_paper():
 def test_every_preset_reports_stats_for_the_papers_latent_shape():
     for name in PRESETS:
         if is_video_preset(name):  # Wan 2.1 VAE latents of a 17-frame clip (wan-tiny: its pixel clips)
-            shape = (3, 32, 16) if name == "wan-tiny" else (16, 32, 5)
-            stats = preset_stats(name, shape[0], shape[1], None, 768, 77, shape[2])
+            channels, frames, side = clip_shape(name)
+            stats = preset_stats(name, channels, side, None, 768, 77, frames)
         elif is_text_preset(name):
             stats = preset_stats(name, 4, 32, None, 768, 77)  # CLIP ViT-L/14 token embeddings, as Paris 1.0
         else:
