@@ -1,6 +1,7 @@
 """The aggregator's checkpoint witness: each poll, pull every lease holder's newest pushed checkpoint (size-bounded),
 check that it loads into the recipe's model, stops short of the last step and advances, and, given a `replay`, that
-training from the holder's previous verified checkpoint on the shard lands on it (experts/replay.py); then sign a
+training from the holder's previous verified checkpoint on the shard lands on it (experts/replay.py; the unit's
+first verified checkpoint is replayed from the recipe's initial weights); then sign a
 VerifiedCheckpoint (protocol/witness.py). Resumers install only verified checkpoints; holders whose checkpoints never
 verify lose their lease after the progress timeout; a holder whose segment does not replay is verified no more.
 """
@@ -102,8 +103,16 @@ class CheckpointWitness:
                 raise IslesError("no whole checkpoint")
             if checkpoints.check_foreign(path, model, steps) != pointer.step:
                 raise IslesError("not at the step its pointer says")
+            # The segment to replay starts at this holder's previous verified checkpoint, or at step 0 when the unit
+            # has none yet. A later holder's first checkpoint is not replayed: which verified checkpoint it resumed
+            # from is its word, and a wrong guess here would brand an honest volunteer a cheater.
+            first = unit not in self.kept and not self._ever_verified(unit)
             previous = self.kept[unit][1] if self.kept.get(unit, (None,))[0] == holder_key else None
-            if self.replay is not None and previous is not None and _RANDOM.random() < self.replay_fraction:
+            if (
+                self.replay is not None
+                and (previous is not None or first)
+                and _RANDOM.random() < self.replay_fraction
+            ):
                 result = self.replay(unit, previous, path)
                 if not result.ok:
                     self.cheaters.add(holder_key[1])
@@ -141,6 +150,13 @@ class CheckpointWitness:
             return False
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _ever_verified(self, unit: str) -> bool:
+        """Whether the run's aggregators verified a checkpoint of `unit` (before a restart of this one, say): then
+        its holder may have resumed from it, and step 0 is no longer where its training started."""
+        from isles.protocol.witness import get_verified
+
+        return bool(get_verified(self.swarm, self.manifest.run_id, unit))
 
     def _publish(self, unit: str, holder: str, attempt: int, pointer) -> None:
         from isles.protocol.swarm import dht_time

@@ -2,9 +2,11 @@
 shard up to the step of the next pushed checkpoint, and compare weights. The trainer resumes bit-identically on a CPU
 (tests/test_trainer.py), so an honest segment lands exactly on the next checkpoint; one trained on noise or on another
 shard does not. Across hardware (or micro-batches) pass a tolerance: how far the replayed weights may land from the
-claimed ones, as a fraction of how far the segment moved them (L2 norms over every weight).
+claimed ones, as a fraction of how far the segment moved them (L2 norms over every weight). A holder's first
+checkpoint is replayed from the recipe's seeded initial weights (start=None): training from scratch is as exact.
 
     result = replay_segment(task, recipe, start_ckpt, end_ckpt, work_dir)   # result.ok, result.relative_error
+    result = replay_segment(task, recipe, None, first_ckpt, work_dir)       # steps 0..first_ckpt's step
 """
 
 from __future__ import annotations
@@ -42,15 +44,27 @@ class ReplayResult:
 
 
 def replay_segment(
-    task, recipe, start: str | Path, end: str | Path, work: str | Path, tolerance: float = 0.0, device: str = "cpu"
+    task,
+    recipe,
+    start: str | Path | None,
+    end: str | Path,
+    work: str | Path,
+    tolerance: float = 0.0,
+    device: str = "cpu",
 ) -> ReplayResult:
-    """Replay training from checkpoint `start` to the step of checkpoint `end` in `work` (emptied first); compare the
-    model weights. Both checkpoints must be of `recipe` and `task` (the trainer refuses anything else)."""
+    """Replay training from checkpoint `start` (None: from the recipe's initial weights, step 0) to the step of
+    checkpoint `end` in `work` (emptied first); compare the model weights. Both checkpoints must be of `recipe` and
+    `task` (the trainer refuses anything else)."""
     from .trainer import train
 
-    start_state, end_state = checkpoints.read_checkpoint(start), checkpoints.read_checkpoint(end)
+    end_state = checkpoints.read_checkpoint(end)
+    if start is None:
+        torch.manual_seed(recipe.seed)  # as the trainer builds its model: these are the weights of step 0
+        start_state = {"step": 0, "model": task.build_model().state_dict()}
+    else:
+        start_state = checkpoints.read_checkpoint(start)
     first, last = int(start_state["step"]), int(end_state["step"])
-    if not 0 < first < last <= recipe.steps:
+    if not 0 <= first < last <= recipe.steps or (start is not None and first == 0):
         raise IslesError(f"cannot replay from step {first} to step {last} of a {recipe.steps}-step recipe")
     claimed = end_state.get("model")
     if not isinstance(claimed, dict):
@@ -58,7 +72,8 @@ def replay_segment(
     work = Path(work)
     shutil.rmtree(work, ignore_errors=True)
     (work / "checkpoints").mkdir(parents=True)
-    shutil.copyfile(start, work / "checkpoints" / checkpoints.checkpoint_name(first))
+    if start is not None:
+        shutil.copyfile(start, work / "checkpoints" / checkpoints.checkpoint_name(first))
     result = train(task, recipe, work, device=device, stop_at_step=last, export=False)
     if result.step != last:
         raise IslesError(f"the replay stopped at step {result.step}, not {last}")

@@ -52,6 +52,27 @@ def test_an_honest_segment_replays_exactly_and_a_noise_trained_one_does_not(shar
     assert not replay_segment(task, RECIPE, cheat[4], cheat[6], tmp_path / "replay", tolerance=0.01).ok
 
 
+def test_a_first_checkpoint_replays_from_the_recipes_initial_weights(shards, tmp_path):
+    """A holder's first checkpoint has no earlier one to start from: the replay trains from the seeded step 0."""
+    shard, _ = shards
+    task = ExpertTask(shard, preset="unet-tiny", objective="fm")
+    honest = _train(shard, tmp_path / "honest")
+    result = replay_segment(task, RECIPE, None, honest[2], tmp_path / "replay")
+    assert result.ok and result.exact and (result.start_step, result.end_step) == (0, 2)
+    cheat = _train(shard.subset(torch.arange(len(shard))), tmp_path / "noise", noise=True)
+    result = replay_segment(task, RECIPE, None, cheat[2], tmp_path / "replay")
+    assert not result.ok and result.relative_error > 0.1, result
+    # Another seed's start is not the recipe's: its first checkpoint does not replay either.
+    from dataclasses import replace
+
+    reseeded = train(task, replace(RECIPE, seed=1), tmp_path / "seed1", export=False, stop_at_step=2)
+    assert reseeded.step == 2
+    state = checkpoints.read_checkpoint(checkpoints.latest_checkpoint(tmp_path / "seed1" / "checkpoints"))
+    state["recipe"] = RECIPE.to_dict()  # as a cheater would declare it
+    forged = checkpoints.write_checkpoint(tmp_path / "forged", 2, state)
+    assert not replay_segment(task, RECIPE, None, forged, tmp_path / "replay", tolerance=0.01).ok
+
+
 def test_checkpoints_trained_on_another_shard_do_not_replay(shards, tmp_path):
     shard, other = shards
     # Another shard of the same shape and size: the task it declares differs only by the shard's hash, which a cheater
@@ -111,13 +132,15 @@ def test_isles_verify_accepts_an_honest_segment_and_refuses_a_noise_trained_one(
         train(task, recipe, tmp_path / name, export=False)
         runs[name] = dict(checkpoints.list_checkpoints(tmp_path / name / "checkpoints"))
 
-    def verify(name: str):
+    def verify(name: str, steps=(2, 4)):
         args = ["verify", "--manifest", str(tmp_path / "run" / "manifest.json"), "--unit", "expert-0"]
-        args += ["--work-dir", str(tmp_path / "verify"), str(runs[name][2]), str(runs[name][4])]
+        args += ["--work-dir", str(tmp_path / "verify"), *(str(runs[name][s]) for s in steps)]
         return subprocess.run(ISLES + args, capture_output=True, text=True, timeout=300)
 
     honest = verify("honest")
     assert honest.returncode == 0 and "exact" in honest.stdout, honest.stderr[-2000:]
+    first = verify("honest", steps=(2,))  # one checkpoint: replayed from step 0
+    assert first.returncode == 0 and "steps 0 -> 2: exact" in first.stdout, first.stderr[-2000:]
     noise = verify("noise")
     errors = [line for line in noise.stderr.splitlines() if line.startswith("Error:")]
     assert noise.returncode == 1 and len(errors) == 1 and "is not what training" in errors[0], noise.stderr[-2000:]

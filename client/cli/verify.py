@@ -3,6 +3,7 @@
 `isles verify --manifest run/manifest.json --unit expert-0 ckpt-000000200.isles ckpt-000000400.isles`
 replays the recipe from the first checkpoint on the unit's shard to the second's step and compares the weights:
 exact on a CPU, within `--tolerance` (a fraction of the segment's update) across hardware. Exit 0: verified.
+Given one checkpoint, the replay starts from the recipe's seeded initial weights (step 0).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ def register(app: typer.Typer) -> None:
 
 
 def verify(
-    start: Path = typer.Argument(..., help="The earlier checkpoint (a ckpt-<step>.isles file)."),
-    end: Path = typer.Argument(..., help="The later checkpoint, claimed to follow from the earlier by training."),
+    first: Path = typer.Argument(..., help="The earlier checkpoint (a ckpt-<step>.isles file), or the only one."),
+    second: Path = typer.Argument(
+        None, help="The later checkpoint, claimed to follow from the earlier by training (none: from step 0)."
+    ),
     manifest: Path = typer.Option(..., "--manifest", metavar="FILE", help="The run's manifest.json."),
     unit: str = typer.Option(..., "--unit", help="The unit the checkpoints are of: expert-<i> or router."),
     store: str = typer.Option(None, "--store", help="Where to pull the shard from (default: the run's store)."),
@@ -38,9 +41,10 @@ def verify(
     from isles.protocol.errors import IslesError
     from isles.protocol.records import load_manifest_json
 
+    start, end = (first, second) if second is not None else (None, first)
     for path in (manifest, start, end):
-        if not path.is_file():
-            raise IslesError(f"{path} not found", hint="pass the run's manifest.json and two checkpoint files")
+        if path is not None and not path.is_file():
+            raise IslesError(f"{path} not found", hint="pass the run's manifest.json and one or two checkpoint files")
     m = load_manifest_json(manifest.read_text(), source=str(manifest))
     if unit not in m.units:
         raise IslesError(f"run {m.run_id} has no unit {unit!r}", hint=f"use one of: {', '.join(m.units)}")
@@ -67,7 +71,7 @@ def verify(
         output.stdout.print(f"{unit}: steps {result.start_step} -> {result.end_step}: {verdict}", markup=False)
     if not result.ok:
         raise IslesError(
-            f"{end.name} is not what training {unit} from {start.name} on its shard gives "
+            f"{end.name} is not what training {unit} from {start.name if start else 'step 0'} on its shard gives "
             f"(relative error {result.relative_error:.3g} > tolerance {tolerance:g})",
             hint="these checkpoints were not trained on this unit's shard under its recipe (or on other hardware: "
             "pass --tolerance, e.g. 0.01)",
