@@ -39,14 +39,21 @@ from isles.experts.presets import preset_stats
 from isles.experts.trainer import TrainRecipe, train
 from isles.protocol.files import atomic_write_bytes, atomic_write_json
 from isles.router import metrics
+from isles.router.calibration import PROFILE_KEY
 from isles.router.encoders import ClipEncoder, embed_items, make_encoder
 from isles.router.ensemble import EnsemblePipeline, Expert
 from isles.router.evaluate import EnsembleSampler, EvalConfig, ModelSampler, build_reference, evaluate
-from isles.router.partition import kmeans
+from isles.router.partition import kmeans, split_steps
 from isles.router.router_task import RouterTask
 
 log = logging.getLogger("iso_flop")
-CONFIGS = ("monolith", "top1", "top2", "full", "hetero", "all_fm", "random_shards")
+BASE_CONFIGS = ("monolith", "top1", "top2", "full", "hetero", "all_fm", "random_shards")
+# Issue 16's questions (image runs): calibrated mixing of the all-FM and the hetero ensembles, DDPM experts on the
+# clusters with the most fine detail, and steps split in proportion to cluster size.
+QUESTION_CONFIGS = ("calibrated_top1", "calibrated_top2", "calibrated", "hetero_calibrated", "hetero_chosen",
+                    "hetero_chosen_calibrated", "proportional", "proportional_calibrated")  # fmt: skip
+CONFIGS = BASE_CONFIGS + QUESTION_CONFIGS
+SOLVERS = ("euler", "heun", "dpm++2m", "unipc")
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,9 @@ class BenchConfig:
     frames: int = 16  # video: frames per clip
     text_encoder: str = "minilm"  # video: embeds the captions (the offline MiniLM; a folder or hf:<id> works too)
     guidance: float = 1.0  # video: classifier-free guidance when sampling (1 = off, plain conditional sampling)
+    questions: bool = True  # images: also the QUESTION_CONFIGS rows and the sampler sweep
+    random_shards: bool = True  # the random-shards row (0: skip it, an ensemble's worth of training less)
+    sampler_steps: tuple[int, ...] = (10, 20, 50)  # the sampler sweep: FID of the top-1 ensemble per solver and steps
 
     def routings(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(("top1", "top2", "full", self.routing)))
@@ -83,14 +93,14 @@ class BenchConfig:
 
 QUICK = BenchConfig(
     items=1500, resolution=8, experts=3, mono_steps=40, batch=16, lr=2e-3, warmup_steps=5, router_batch=32,
-    seeds=(0, 1), n=64, sample_steps=4, curve_points=2,
+    seeds=(0, 1), n=64, sample_steps=4, curve_points=2, sampler_steps=(2, 4),
     feature_overrides={"train_items": 1024, "epochs": 1, "batch_size": 64},
 )  # fmt: skip
 
 
 VIDEO = BenchConfig(
     items=4000, resolution=32, experts=3, preset="wan-tiny", mono_steps=1500, batch=16, lr=1e-3, warmup_steps=50,
-    router_batch=32, n=300, sample_steps=20, curve_points=2, video=True, frames=16,
+    router_batch=32, n=300, sample_steps=20, curve_points=2, video=True, frames=16, questions=False,
 )  # fmt: skip
 VIDEO_QUICK = dataclasses.replace(
     VIDEO, items=240, resolution=16, frames=8, experts=2, mono_steps=16, batch=8, router_batch=16, seeds=(0,), n=32,
@@ -120,6 +130,13 @@ class Trained:
         model = self.task.build_model()
         model.load_state_dict(read_checkpoint(result.checkpoint)["ema"])
         self.model = model.to(self.device).eval()
+        self._profile = None
+
+    def profile(self) -> list[float] | None:
+        """Velocity error by noise level on the held-out split (experts only; None for the router)."""
+        if getattr(self, "_profile", None) is None and hasattr(self.task, "velocity_errors"):
+            self._profile = self.task.velocity_errors(self.model, self.device)
+        return getattr(self, "_profile", None)
 
 
 def _shards(data, clusters: torch.Tensor, k: int) -> list:
@@ -132,8 +149,17 @@ def _shards(data, clusters: torch.Tensor, k: int) -> list:
 
 
 def _ensemble(experts: list[Trained], objectives: list[str], router: Trained, pipe_config=None) -> EnsembleSampler:
-    members = {i: Expert(i, e.model, objectives[i]) for i, e in enumerate(experts)}
+    """The ensemble, each expert with its held-out velocity error by noise level (what the aggregator publishes)."""
+    members = {i: Expert(i, e.model, objectives[i], {PROFILE_KEY: e.profile()}) for i, e in enumerate(experts)}
     return EnsembleSampler(EnsemblePipeline(members, router.model, pipe_config).to(router.device))
+
+
+def detail_energy(shard) -> float:
+    """Mean squared Laplacian of a shard's items in [-1, 1]: how much fine detail its images carry (where eps
+    prediction's weight on low noise levels should pay)."""
+    x = shard.items[:2048].float() / 127.5 - 1
+    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+    return float(lap.pow(2).mean())
 
 
 def _video_data(config: BenchConfig):
@@ -179,6 +205,7 @@ def run_seed(
     """Train every configuration for one seed and evaluate it; returns {config: row} and the FLOP curve points."""
     torch.manual_seed(seed)
     k = config.experts
+    questions = config.questions and not config.video
     c, frames, res, _ = item_layout(data.shape)
     if config.video:
         text_width, text_length = data.text.shape[2], data.text.shape[1]
@@ -237,6 +264,8 @@ def run_seed(
         mono_row = evaluate(ModelSampler(mono.model, "fm", "monolith", mono_info), reference, ev)[0]
         ens_flops = sum(e.flops for e in fm) + router.flops
         routings = config.routings() if last else (config.routing,)
+        if last and questions:
+            routings += ("calibrated:top1", "calibrated:top2", "calibrated")
         ens_rows = evaluate(
             _ensemble(fm, ["fm"] * k, router, pipe_config), reference, dataclasses.replace(ev, routings=routings)
         )
@@ -248,6 +277,10 @@ def run_seed(
             for name in ("top1", "top2", "full"):
                 rows[name] = {**by_routing[name], "train_flops": ens_flops}
             rows["all_fm"] = {**by_routing[config.routing], "train_flops": ens_flops}
+            if questions:
+                for name in ("calibrated_top1", "calibrated_top2", "calibrated"):
+                    routing = "calibrated" if name == "calibrated" else name.replace("_", ":")
+                    rows[name] = {**by_routing[routing], "train_flops": ens_flops}
         on_row(
             f"seed {seed}, {fraction:.2f} of budget: monolith FID {mono_row['fid']:.3f}, ensemble "
             f"{config.routing} FID {by_routing[config.routing]['fid']:.3f}"
@@ -260,28 +293,82 @@ def run_seed(
         hetero[i] = Trained(task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device)
         hetero[i].advance(1.0)
     ev_one = dataclasses.replace(ev, routings=(config.routing,))
-    row = evaluate(_ensemble(hetero, objectives, router, pipe_config), reference, ev_one)[0]
-    rows["hetero"] = {**row, "train_flops": sum(e.flops for e in hetero) + router.flops}
-    # 5. Random sharding: the same recipe on random shards of the same sizes, with its own router.
-    rand_router = Trained(
-        RouterTask(rand_shards, preset=config.router_preset, conditional=not config.video),
-        _recipe(config, router_steps, seed, config.router_batch), d / "rand_router", device,
-    )  # fmt: skip
-    rand_fm = [
-        Trained(
-            ExpertTask(s, config.preset, "fm"), _recipe(config, expert_steps, seed + 1000 * i), d / f"rand{i}", device
+    ev_calibrated = dataclasses.replace(ev, routings=(config.routing, f"calibrated:{config.routing}"))
+    hetero_rows = evaluate(_ensemble(hetero, objectives, router, pipe_config), reference,
+                           ev_calibrated if questions else ev_one)  # fmt: skip
+    rows["hetero"] = {**hetero_rows[0], "train_flops": sum(e.flops for e in hetero) + router.flops}
+    if questions:
+        rows["hetero_calibrated"] = {**hetero_rows[1], "train_flops": rows["hetero"]["train_flops"]}
+        # DDPM on the clusters with the most fine detail (the paper's "two chosen clusters"), FM on the rest.
+        energy = [detail_energy(sh) for sh in km_shards]
+        chosen = sorted(sorted(range(k), key=lambda i: -energy[i])[: config.hetero_ddpm])
+        on_row(f"seed {seed}: detail energy per cluster {[round(e, 4) for e in energy]}: DDPM on clusters {chosen}")
+        chosen_models = [hetero[i] if i < config.hetero_ddpm and i in chosen else fm[i] for i in range(k)]
+        for i in chosen:
+            if chosen_models[i] is fm[i]:
+                task = ExpertTask(km_shards[i], config.preset, "ddpm")
+                chosen_models[i] = Trained(
+                    task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device
+                )
+                chosen_models[i].advance(1.0)
+        chosen_objectives = ["ddpm" if i in chosen else "fm" for i in range(k)]
+        chosen_rows = evaluate(
+            _ensemble(chosen_models, chosen_objectives, router, pipe_config), reference, ev_calibrated
         )
-        for i, s in enumerate(rand_shards)
-    ]
-    for model in [*rand_fm, rand_router]:
-        model.advance(1.0)
-    row = evaluate(_ensemble(rand_fm, ["fm"] * k, rand_router, pipe_config), reference, ev_one)[0]
-    rows["random_shards"] = {**row, "train_flops": sum(e.flops for e in rand_fm) + rand_router.flops}
-    on_row(f"seed {seed}: " + ", ".join(f"{name} {rows[name]['fid']:.3f}" for name in CONFIGS))
+        flops = sum(e.flops for e in chosen_models) + router.flops
+        rows["hetero_chosen"] = {**chosen_rows[0], "train_flops": flops, "ddpm_clusters": chosen}
+        rows["hetero_chosen_calibrated"] = {**chosen_rows[1], "train_flops": flops, "ddpm_clusters": chosen}
+        # The same total expert steps, split in proportion to the shards' sizes (DDM splits them equally).
+        sizes = [int((~s.val_mask).sum()) if s.val_mask is not None else len(s) for s in km_shards]
+        steps = split_steps(expert_steps, sizes, "proportional")
+        on_row(f"seed {seed}: proportional steps {steps} for shards of {sizes} (equal: {expert_steps} each)")
+        proportional = [
+            Trained(
+                ExpertTask(sh, config.preset, "fm"), _recipe(config, steps[i], seed + 1000 * i), d / f"prop{i}", device
+            )  # fmt: skip
+            for i, sh in enumerate(km_shards)
+        ]
+        for model in proportional:
+            model.advance(1.0)
+        prop_rows = evaluate(_ensemble(proportional, ["fm"] * k, router, pipe_config), reference, ev_calibrated)
+        flops = sum(e.flops for e in proportional) + router.flops
+        rows["proportional"] = {**prop_rows[0], "train_flops": flops, "steps": steps}
+        rows["proportional_calibrated"] = {**prop_rows[1], "train_flops": flops, "steps": steps}
+    # 5. Random sharding: the same recipe on random shards of the same sizes, with its own router.
+    if config.random_shards:
+        rand_router = Trained(
+            RouterTask(rand_shards, preset=config.router_preset, conditional=not config.video),
+            _recipe(config, router_steps, seed, config.router_batch), d / "rand_router", device,
+        )  # fmt: skip
+        rand_fm = [
+            Trained(
+                ExpertTask(s, config.preset, "fm"),
+                _recipe(config, expert_steps, seed + 1000 * i),
+                d / f"rand{i}",
+                device,
+            )
+            for i, s in enumerate(rand_shards)
+        ]
+        for model in [*rand_fm, rand_router]:
+            model.advance(1.0)
+        row = evaluate(_ensemble(rand_fm, ["fm"] * k, rand_router, pipe_config), reference, ev_one)[0]
+        rows["random_shards"] = {**row, "train_flops": sum(e.flops for e in rand_fm) + rand_router.flops}
+    # 6. Samplers: the all-FM top-1 ensemble under each ODE solver at a few step counts (FID against expert calls).
+    sweep = []
+    if questions:
+        ensemble = _ensemble(fm, ["fm"] * k, router, pipe_config)
+        for solver in SOLVERS:
+            for steps in config.sampler_steps:
+                row = evaluate(ensemble, reference, dataclasses.replace(ev_one, steps=steps, solver=solver))[0]
+                sweep.append({"solver": solver, "steps": steps, "fid": row["fid"],
+                              "expert_calls_per_sample": row["expert_calls_per_sample"]})  # fmt: skip
+                on_row(f"seed {seed}: sampler {solver} x {steps}: FID {row['fid']:.3f}")
+    on_row(f"seed {seed}: " + ", ".join(f"{name} {rows[name]['fid']:.3f}" for name in CONFIGS if name in rows))
     if samples_dir is not None and config.video:
         save_video_samples(_ensemble(fm, ["fm"] * k, router, pipe_config), samples_dir, 30, max(config.guidance, 3.0))
     return {"rows": rows, "curve": curve, "expert_steps": expert_steps, "router_steps": router_steps,
-            "router_flops": router_flops, "budget": budget, "cluster_sizes": torch.bincount(km).tolist()}  # fmt: skip
+            "samplers": sweep, "router_flops": router_flops, "budget": budget,
+            "cluster_sizes": torch.bincount(km).tolist()}  # fmt: skip
 
 
 def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str, wall: float) -> dict:
@@ -307,7 +394,8 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
         "per_seed": per_seed,
         "curve": {name: [s["curve"][name] for s in per_seed] for name in per_seed[0]["curve"]},
     }  # fmt: skip
-    for name in CONFIGS:
+    out["configs"] = [name for name in CONFIGS if all(name in s["rows"] for s in per_seed)]
+    for name in out["configs"]:
         rows = [s["rows"][name] for s in per_seed]
         fid_mean, fid_std = stat(r["fid"] for r in rows)
         acc_mean, acc_std = stat(r["accuracy"] for r in rows)
@@ -319,6 +407,14 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
             "seconds_per_sample": stat(r["seconds_per_sample"] for r in rows)[0],
             "train_flops": int(np.mean([r["train_flops"] for r in rows])),
         }  # fmt: skip
+    sweeps = [s.get("samplers") or [] for s in per_seed]
+    out["samplers"] = []
+    if sweeps and all(sweeps):
+        for i, first in enumerate(sweeps[0]):
+            fid_mean, fid_std = stat(sw[i]["fid"] for sw in sweeps)
+            calls = first["expert_calls_per_sample"]
+            out["samplers"].append({"solver": first["solver"], "steps": first["steps"], "fid_mean": fid_mean,
+                                    "fid_std": fid_std, "expert_calls_per_sample": calls})  # fmt: skip
     return out
 
 
@@ -332,13 +428,20 @@ def markdown(result: dict) -> str:
         "| training FLOPs |",
         "|---|---|---|---|---|---|",
     ]
-    for name in CONFIGS:
+    for name in result.get("configs", BASE_CONFIGS):
         r = result[name]
         acc = "-" if r["accuracy_mean"] is None else f"{r['accuracy_mean']:.3f}"
         lines.append(
             f"| {name} | {r['routing']} | {r['fid_mean']:.3f} ± {r['fid_std']:.3f} | {acc} | "
             f"{r['expert_calls_per_sample']:.0f} | {r['train_flops']:.3g} |"
         )
+    if result.get("samplers"):
+        header = f"| sampler | steps | expert calls / sample | {metric} (mean ± sd) |"
+        lines += ["", f"Samplers (the all-FM ensemble, {result['config']['routing']}):", "", header]
+        lines.append("|---|---|---|---|")
+        for r in result["samplers"]:
+            lines.append(f"| {r['solver']} | {r['steps']} | {r['expert_calls_per_sample']:.0f} | "
+                         f"{r['fid_mean']:.3f} ± {r['fid_std']:.3f} |")  # fmt: skip
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
@@ -399,7 +502,7 @@ def merge(paths: list[Path], command: str) -> dict:
                         "diversity": run[c]["diversity_mean"], "routing": run[c]["routing"],
                         "expert_calls_per_sample": run[c]["expert_calls_per_sample"],
                         "seconds_per_sample": run[c]["seconds_per_sample"], "train_flops": run[c]["train_flops"]}
-                    for c in CONFIGS}}  # fmt: skip
+                    for c in BASE_CONFIGS}}  # fmt: skip
             per_seed.append(seed_result)
     seeds = tuple(s for run in runs for s in run["config"]["seeds"])
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
@@ -413,6 +516,14 @@ def merge(paths: list[Path], command: str) -> dict:
     return result
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "1"):
+        return True
+    if text.lower() in ("no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: use yes or no")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -423,8 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
         if f.name in ("feature_overrides", "video"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "seeds":
-            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {list(defaults.seeds)}")
+        default = getattr(defaults, f.name)
+        if isinstance(default, tuple):  # seeds, sampler_steps
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {list(default)}")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, type=_yes_no, default=None, metavar="yes|no", help=f"default {default}")
         else:
             parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None,
                                 help=f"default {getattr(defaults, f.name)}")  # fmt: skip
@@ -453,8 +567,9 @@ def main(argv: list[str] | None = None) -> dict:
         config = QUICK if args.quick else defaults
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if getattr(args, f.name, None)
                  is not None}  # fmt: skip
-    if "seeds" in overrides:
-        overrides["seeds"] = tuple(overrides["seeds"])
+    for name in ("seeds", "sampler_steps"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
     config = dataclasses.replace(config, **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)

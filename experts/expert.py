@@ -19,7 +19,7 @@ from isles.protocol.installation import isles_version
 
 from .conditioning import CONDITIONINGS, TextCondition, cat_conditions
 from .data import ShardData, item_layout, to_model_space, to_pixels
-from .objectives import check_objective, draw_noise, expert_velocity, loss_at, sample_euler
+from .objectives import check_objective, draw_noise, expert_velocity, loss_at, sample_flow, x0_clamp
 from .presets import (
     build_model,
     get_preset,
@@ -168,32 +168,52 @@ class ExpertTask:
         return out
 
     def _fixed_loss(self, model: torch.nn.Module, data: ShardData, device: torch.device) -> float:
+        total, count = 0.0, 0
+        for x0, t, eps, cond in self._fixed_draws(model, data, device):
+            loss = loss_at(self.objective, lambda x, ts, c=cond: model_forward(model, x, ts, c), x0, t, eps)
+            total += float(loss) * len(x0)
+            count += len(x0)
+        return total / count
+
+    @torch.no_grad()
+    def velocity_errors(self, model: torch.nn.Module, device: torch.device, bins: int = 10) -> list[float]:
+        """Mean squared error of the velocity this expert gives in the common space (DDPM experts converted, as the
+        ensemble samples them) on the held-out split, per noise-level bin: bin j covers t in [j/bins, (j+1)/bins).
+        What calibrated mixing weighs experts by (router/calibration.py)."""
+        if not len(self._val):
+            raise IslesError("the shard has no held-out items", hint="partition with --val-fraction above 0")
+        sums, counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
+        clip = x0_clamp(bool(self.shard.meta.get("latent")))
+        for x0, t, eps, cond in self._fixed_draws(model, self._val, device):
+            x_t = (1 - t.reshape(-1, *[1] * (x0.ndim - 1))) * x0 + t.reshape(-1, *[1] * (x0.ndim - 1)) * eps
+            v = expert_velocity(self.objective, lambda x, ts, c=cond: model_forward(model, x, ts, c), x_t, t, clip)
+            err = (v.float() - (eps - x0)).pow(2).flatten(1).mean(1).double().cpu()
+            which = (t.cpu() * bins).long().clamp(0, bins - 1)
+            sums.index_add_(0, which, err)
+            counts.index_add_(0, which, torch.ones_like(err))
+        return [float(v) for v in sums / counts.clamp_min(1)]
+
+    def _fixed_draws(self, model: torch.nn.Module, data: ShardData, device: torch.device):
+        """Batches (x0, t, eps, condition) on `device` with fixed noise and t spread low-discrepancy over [0, 1):
+        the same draws for every evaluation of every model. The model is in eval mode while they are used."""
         data = data.subset(torch.arange(min(len(data), VAL_MAX_ITEMS)))
         generator = torch.Generator().manual_seed(VAL_SEED)
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
-        for start in range(0, len(data), 128):
-            x0 = to_model_space(data.items[start : start + 128])
-            _, eps = draw_noise(x0, generator)
-            idx = torch.arange(start, start + len(x0))
-            t = (idx.float() * 0.618034 + 0.5) % 1.0  # a low-discrepancy spread of t over the whole range
-            rows = slice(start, start + 128)
-            if self.conditioning == "text":
-                cond = TextCondition.from_rows(data.text[rows], data.text_mask[rows]).to(device)
-            else:
-                cond = None if self.num_classes is None else data.labels[rows].to(device)
-            loss = loss_at(
-                self.objective,
-                lambda x, ts, c=cond: model_forward(model, x, ts, c),
-                x0.to(device),
-                t.to(device),
-                eps.to(device),
-            )
-            total += float(loss) * len(x0)
-            count += len(x0)
-        model.train(was_training)
-        return total / count
+        try:
+            for start in range(0, len(data), 128):
+                x0 = to_model_space(data.items[start : start + 128])
+                _, eps = draw_noise(x0, generator)
+                idx = torch.arange(start, start + len(x0))
+                t = (idx.float() * 0.618034 + 0.5) % 1.0  # a low-discrepancy spread of t over the whole range
+                rows = slice(start, start + 128)
+                if self.conditioning == "text":
+                    cond = TextCondition.from_rows(data.text[rows], data.text_mask[rows]).to(device)
+                else:
+                    cond = None if self.num_classes is None else data.labels[rows].to(device)
+                yield x0.to(device), t.to(device), eps.to(device), cond
+        finally:
+            model.train(was_training)
 
     def export(self, model: torch.nn.Module, folder: Path, metrics: dict[str, Any]) -> None:
         export_expert(
@@ -311,11 +331,12 @@ def sample_expert(
     clip_x0: float | None = 1.0,
     null_cond: TextCondition | None = None,
     shape: tuple[int, ...] | None = None,
+    solver: str = "euler",
 ) -> torch.Tensor:
     """n samples (model space, [-1, 1] for pixels) from one expert (`shape`: one item's, needed for video models, whose
-    config does not hold it: expert.json's "shape") with Euler steps in velocity space. `labels`: class
-    labels [n], or a TextCondition for a text model (then `null_cond`, the empty caption, is the unconditional
-    input). With guidance_scale != 1, classifier-free guidance v = v_null + s (v_cond - v_null)."""
+    config does not hold it: expert.json's "shape") with `solver` steps in velocity space (experts/solvers.py).
+    `labels`: class labels [n], or a TextCondition for a text model (then `null_cond`, the empty caption, is the
+    unconditional input). With guidance_scale != 1, classifier-free guidance v = v_null + s (v_cond - v_null)."""
     model.eval()
     device = next(model.parameters()).device
     config = model.config
@@ -341,7 +362,7 @@ def sample_expert(
             v_cond, v_null = predict(cat_conditions(cond, null), torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         return v_null + guidance_scale * (v_cond - v_null)
 
-    return sample_euler(velocity, (n, *shape), steps, generator=generator, device=device)
+    return sample_flow(velocity, (n, *shape), steps, generator=generator, device=device, solver=solver)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 4) -> None:

@@ -15,6 +15,21 @@ OBJECTIVES = ("fm", "ddpm")
 TIMESTEP_SCALE = 1000.0  # models see timesteps in [0, 1000], the range diffusers' sinusoidal embeddings expect
 _COSINE_OFFSET = 0.008  # Nichol & Dhariwal (2021), eq. 17
 _MIN_ONE_MINUS_T = 0.01  # DOMAIN.md: x0_hat = (x_t - t * eps_hat) / max(1 - t, 0.01)
+# The heterogeneous-objective paper's guards on the eps -> velocity conversion (DOMAIN.md): x0_hat clamped to [-1, 1]
+# for pixels (their range) and [-20, 20] for latents, and the velocity rescaled above t = 0.85, where x0_hat carries
+# eps_hat's error times t / (1 - t). The summary gives no formula for the rescale. Ours scales x0_hat down, per item,
+# to RMS 1 where it is larger: both pixels and isles' normalised latents are unit-scale, and at high noise the exact
+# E[x0 | x_t] shrinks toward the data mean, so an exact expert is left alone (tests/test_ensemble.py). Since
+# v = (x_t - x0_hat) / t, this bounds the velocity's error where the conversion amplifies it most.
+PIXEL_X0_CLAMP, LATENT_X0_CLAMP = 1.0, 20.0
+RESCALE_ABOVE_T = 0.85
+_X0_RMS_CAP = 1.0
+
+
+def x0_clamp(latent: bool) -> float:
+    """The x0_hat clamp of DDPM experts: the data's range for pixels, the paper's [-20, 20] for latents."""
+    return LATENT_X0_CLAMP if latent else PIXEL_X0_CLAMP
+
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_in, timestep [B]) -> raw model output
 
@@ -67,13 +82,19 @@ def ddpm_input(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def expert_velocity(
-    objective: str, model_fn: ModelFn, x_t: torch.Tensor, t: torch.Tensor, clip_x0: float | None = 1.0
+    objective: str,
+    model_fn: ModelFn,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    clip_x0: float | None = PIXEL_X0_CLAMP,
+    rescale_above: float | None = RESCALE_ABOVE_T,
 ) -> torch.Tensor:
     """The velocity v = eps - x0 an expert predicts at (x_t, t), whatever objective it was trained with.
 
     fm: the model predicts v directly at timestep 1000 t.
     ddpm: evaluate at the SNR-matched input (`ddpm_input`), then x0_hat = (x_t - t eps_hat) / max(1 - t, 0.01),
-    clamped to [-clip_x0, clip_x0] (pass None for latents, which are not bounded), and v = eps_hat - x0_hat.
+    clamped to [-clip_x0, clip_x0] (`x0_clamp`; None: unclamped); above t = rescale_above (None: never) each item's
+    x0_hat is scaled down to RMS 1 where it is larger; v = eps_hat - x0_hat.
     """
     check_objective(objective)
     t = t.to(x_t.device, torch.float64 if x_t.dtype == torch.float64 else torch.float32)
@@ -85,6 +106,10 @@ def expert_velocity(
     x0_hat = (x_t - te * eps_hat) / te.neg().add(1).clamp_min(_MIN_ONE_MINUS_T)
     if clip_x0 is not None:
         x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+    if rescale_above is not None:
+        rms = x0_hat.flatten(1).pow(2).mean(1).sqrt()
+        cap = torch.where(t > rescale_above, (_X0_RMS_CAP / rms.clamp_min(1e-12)).clamp(max=1.0), 1.0)
+        x0_hat = x0_hat * _expand(cap, x0_hat)
     return eps_hat - x0_hat
 
 
@@ -132,23 +157,20 @@ def training_loss(
 # --- sampling ----------------------------------------------------------------------------------------------------
 
 
-def sample_euler(
+def sample_flow(
     velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     shape: tuple[int, ...],
     steps: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    solver: str = "euler",
 ) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) with `steps` Euler steps; returns x0.
+    """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) in `steps` steps of `solver` (experts/solvers.py);
+    returns x0. `velocity_fn(x_t, t)` takes t as a float tensor [B]; the noise is drawn on `generator`'s device and
+    moved."""
+    from .solvers import integrate
 
-    `velocity_fn(x_t, t)` takes t as a float tensor [B]; the noise is drawn on `generator`'s device and moved.
-    """
     gen_device = generator.device if generator is not None else torch.device("cpu")
     x = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device or gen_device)
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    for i in range(steps):
-        t = torch.full((shape[0],), float(times[i]), device=x.device)
-        v = velocity_fn(x, t)
-        x = x + (times[i + 1] - times[i]).item() * v.to(x.dtype)  # dt < 0: moving from noise toward data
-    return x
+    return integrate(lambda x_t, t: velocity_fn(x_t, t).to(x_t.dtype), x, solver=solver, steps=steps)

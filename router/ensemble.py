@@ -23,9 +23,12 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
+from isles.experts.objectives import x0_clamp
+from isles.experts.solvers import calls_per_sample
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json, sha256_folder
 
+from .calibration import PROFILE_KEY, Reliability, check_profile
 from .ensemble_files import ENSEMBLE_FILE, FORMAT, broken_file, broken_files, pull_ensemble, read_manifest
 from .model import RouterModel
 from .sampling import Routing, SampleResult, guided, parse_routing, sample_ensemble
@@ -227,13 +230,16 @@ class EnsemblePipeline(DiffusionPipeline):
         return_routing: bool = False,
         prompt: str | list[str] | None = None,
         decode: bool = True,
+        solver: str = "euler",
     ) -> SampleResult:
         """n samples (in the data scale, [-1, 1] for pixels; clips [n, C, F, H, W] from a video ensemble); seeded, so
         the same call gives the same samples.
 
         A text ensemble takes `prompt`: one string for n samples of it, or a list (one sample per prompt). An
-        ensemble of latents returns images decoded by its VAE (`decode=False`: the latents)."""
+        ensemble of latents returns images decoded by its VAE (`decode=False`: the latents). `solver`: euler, heun,
+        dpm++2m or unipc (experts/solvers.py); `steps` are its steps (Heun calls the experts 2 steps - 1 times)."""
         routing = parse_routing(routing) if isinstance(routing, str) else routing
+        reliability = self.reliability() if routing.calibrated else None
         null_text = None
         if self.conditioning == "text":
             if class_labels is not None:
@@ -248,9 +254,9 @@ class EnsemblePipeline(DiffusionPipeline):
                 kind = "class-conditional: it takes a class" if self.conditioning == "class" else "unconditional"
                 raise IslesError(f"this ensemble is {kind}, not a prompt", hint="leave out --prompt")
             cond = self._labels(n, class_labels)
-        clip = None if self.config.get("data_kind") == "latents" else 1.0
+        clip = x0_clamp(self.config.get("data_kind") == "latents")
         fns = [self._velocity_fn(i, guidance_scale, clip, null_text) for i in range(self.num_experts)]
-        with self.progress_bar(total=steps) as bar:
+        with self.progress_bar(total=calls_per_sample(solver, steps)) as bar:
 
             def route(x: torch.Tensor, t: torch.Tensor, c) -> torch.Tensor:
                 # The router sees a class when it is class-aware (None is unconditional routing), never text.
@@ -267,12 +273,32 @@ class EnsemblePipeline(DiffusionPipeline):
                 device=self._execution_device,
                 return_routing=return_routing,
                 callback=lambda _step: bar.update(1),
+                solver=solver,
+                reliability=reliability,
             )
         if decode and self.config.get("vae"):
             result.latents = result.images
             result.images = self.vae().decode(result.images)
         self.maybe_free_model_hooks()
         return result
+
+    def reliability(self) -> Reliability:
+        """The experts' measured velocity error per noise level (expert.json, written by the aggregator), for
+        calibrated routing; an error naming what is missing when an expert has none."""
+        profiles: list[list[float] | None] = []
+        for i in range(self.num_experts):
+            expert = self.experts.get(i)
+            if expert is None:
+                profiles.append(None)
+                continue
+            if PROFILE_KEY not in expert.meta:
+                raise IslesError(
+                    f"expert {i} has no measured velocity error ({PROFILE_KEY} in its expert.json): calibrated "
+                    "routing cannot weigh it",
+                    hint="re-publish the ensemble with a current aggregator, or use --routing top1",
+                )
+            profiles.append(check_profile(expert.meta[PROFILE_KEY], f"expert {i}"))
+        return Reliability(profiles)
 
     def _velocity_fn(self, index: int, guidance_scale: float, clip, null_text):
         """Expert `index`'s velocity (None when missing). Under model CPU offload the other experts are moved off the

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
+from isles.experts.objectives import x0_clamp
+from isles.experts.solvers import calls_per_sample
 from isles.protocol.errors import IslesError
 
 from . import features as feature_net
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     n: int = 1000  # samples per row, and real items in the reference: FID depends on the count, keep it fixed
     routings: tuple[str, ...] = ("top1", "top2", "full")  # ensembles only; a single model has one row
-    steps: int = 30  # Euler steps per sample
+    steps: int = 30  # solver steps per sample
+    solver: str = "euler"  # experts/solvers.py: euler, heun, dpm++2m, unipc
     seed: int = 0
     batch_size: int = 250
     guidance_scale: float = 1.0
@@ -190,7 +193,7 @@ class Sampler(Protocol):
     is_ensemble: bool  # False: a single model, one row (routing does not apply)
 
     def sample(
-        self, n: int, cond, routing: str, steps: int, seed: int, guidance_scale: float
+        self, n: int, cond, routing: str, steps: int, seed: int, guidance_scale: float, solver: str = "euler"
     ) -> tuple[torch.Tensor, float]:
         """n samples in [-1, 1] (decoded, for latent models) and the mean number of expert (model) calls per sample.
         cond: class labels [n], n prompts (text models), or None."""
@@ -202,7 +205,7 @@ class EnsembleSampler:
         self.conditioning = pipe.conditioning
         self.is_ensemble = True
 
-    def sample(self, n, cond, routing, steps, seed, guidance_scale):
+    def sample(self, n, cond, routing, steps, seed, guidance_scale, solver="euler"):
         text = self.conditioning == "text"
         result = self.pipe(
             n=n,
@@ -213,8 +216,9 @@ class EnsembleSampler:
             seed=seed,
             guidance_scale=guidance_scale,
             return_routing=True,
+            solver=solver,
         )
-        calls = float((result.weights > 0).sum(dim=-1).float().sum(dim=0).mean())  # [steps, B, K] -> per sample
+        calls = float((result.weights > 0).sum(dim=-1).float().sum(dim=0).mean())  # [calls, B, K] -> per sample
         if guidance_scale != 1.0 and cond is not None:
             calls *= 2
         return result.images.cpu(), calls
@@ -231,22 +235,23 @@ class ModelSampler:
         self.info = info or {}
         self._encoder = self._vae = None
 
-    def sample(self, n, cond, routing, steps, seed, guidance_scale):
+    def sample(self, n, cond, routing, steps, seed, guidance_scale, solver="euler"):
         from isles.experts.expert import sample_expert
 
         generator = torch.Generator().manual_seed(seed)
         null = None
         if self.conditioning == "text":
             cond, null = self._embed(cond)
-        clip = None if (self.info.get("data") or {}).get("latent") else 1.0
+        clip = x0_clamp(bool((self.info.get("data") or {}).get("latent")))
         shape = tuple(self.info["shape"]) if self.info.get("shape") else None  # video models: their clip shape
         images = sample_expert(
             self.model, self.objective, n, steps, cond, guidance_scale, generator, clip_x0=clip, null_cond=null,
-            shape=shape,
+            shape=shape, solver=solver,
         )  # fmt: skip
         if self.vae() is not None:
             images = self.vae().decode(images)
-        return images.cpu(), float(steps * (2 if guidance_scale != 1.0 and cond is not None else 1))
+        calls = calls_per_sample(solver, steps)
+        return images.cpu(), float(calls * (2 if guidance_scale != 1.0 and cond is not None else 1))
 
     def vae(self):
         """The VAE that decodes this model's latents (expert.json names it), or None for a pixel model."""
@@ -293,7 +298,7 @@ def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list
             else:
                 cond = reference.labels[i : i + count] if conditional else None
             batch, batch_calls = sampler.sample(
-                count, cond, routing, config.steps, config.seed * 1_000_003 + i, config.guidance_scale
+                count, cond, routing, config.steps, config.seed * 1_000_003 + i, config.guidance_scale, config.solver
             )
             images.append(batch)
             calls += batch_calls * count
@@ -319,6 +324,7 @@ def evaluate(sampler: Sampler, reference: Reference, config: EvalConfig) -> list
             "seconds_per_sample": round(seconds / n, 5),
             "expert_calls_per_sample": round(calls / n, 3),
             "steps": config.steps,
+            "solver": config.solver,
         }
         if config.inception and not reference.is_video:
             row["inception_fid"] = metrics.inception_fid(metrics.to_uint8(x), reference.pixels, config.device)

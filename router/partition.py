@@ -47,7 +47,8 @@ class PartitionConfig:
     # The expert recipe, the same for every shard except the objective.
     preset: str = "unet-tiny"
     objectives: str = "fm"
-    steps: int = 2000
+    steps: int = 2000  # per expert; with steps_split "proportional", the mean over experts (the total is fixed)
+    steps_split: str = "equal"  # "equal" (DDM) or "proportional": each expert's steps in proportion to its shard
     global_batch: int = 64
     lr: float = 2e-4
     warmup_steps: int = 100
@@ -104,6 +105,26 @@ def parse_objectives(spec: str, k: int) -> list[str]:
             raise IslesError(f"mixed:{n} asks for more DDPM experts than the {k} experts", hint=f"use mixed:{k // 2}")
         return ["ddpm"] * n + ["fm"] * (k - n)
     raise IslesError(f"unknown objectives {spec!r}", hint=f"use one of: {OBJECTIVES_HELP}")
+
+
+STEPS_SPLITS = ("equal", "proportional")
+
+
+def split_steps(steps: int, sizes: list[int], mode: str) -> list[int]:
+    """Steps per expert: `steps` each ("equal", as DDM does), or the same total, k x steps, split in proportion to
+    the shards' sizes ("proportional": a shard twice as large gets twice the steps; at least one step each)."""
+    if mode not in STEPS_SPLITS:
+        raise IslesError(f"unknown steps split {mode!r}", hint=f"use one of: {', '.join(STEPS_SPLITS)}")
+    k = len(sizes)
+    if mode == "equal" or k == 0 or sum(sizes) == 0:
+        return [steps] * k
+    total = steps * k
+    exact = [total * s / sum(sizes) for s in sizes]
+    out = [max(1, int(e)) for e in exact]
+    # Largest remainders get the steps rounding left over, so the total stays k x steps (where k x 1 allows).
+    for i in sorted(range(k), key=lambda i: exact[i] - int(exact[i]), reverse=True)[: max(0, total - sum(out))]:
+        out[i] += 1
+    return out
 
 
 def kmeans(features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -163,6 +184,7 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
 
     k = config.experts
     objectives = parse_objectives(config.objectives, k)
+    split_steps(config.steps, [1] * k, config.steps_split)  # an unknown split fails before any data is read
     if not 0.0 <= config.val_fraction < 1.0:
         raise IslesError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
     if config.conditioning not in (None, "class", "text", "none"):
@@ -407,6 +429,7 @@ def _manifest(config, name, objectives, source, labelled, text_encoder, vae, sto
         raise IslesError(f"{config.source} has no class labels", hint=hint)
     text_width = text_encoder.spec.width if text_encoder is not None else None
     text_length = text_encoder.spec.max_length if text_encoder is not None else None
+    steps = split_steps(config.steps, [int(x) for x in sizes], config.steps_split)
     experts = [
         ExpertRecipe(
             preset=config.preset,
@@ -420,7 +443,7 @@ def _manifest(config, name, objectives, source, labelled, text_encoder, vae, sto
             text_length=text_length,
             cond_dropout=float(config.cond_dropout),
             hflip=config.hflip,
-            steps=config.steps,
+            steps=steps[c],
             global_batch=config.global_batch,
             lr=float(config.lr),
             warmup_steps=config.warmup_steps,

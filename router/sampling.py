@@ -1,11 +1,14 @@
-"""Ensemble sampling in flow-matching velocity space: routing modes and the Euler sampler that mixes experts.
+"""Ensemble sampling in flow-matching velocity space: routing modes and the sampler that mixes experts.
 
 x_t = (1-t) x0 + t eps, t=1 is noise; each expert gives a velocity v_k(x_t, t) = eps - x0 (DDPM experts are converted
-by their objective first), the router gives p(k | x_t, t[, c]), and the step uses sum_k w_k v_k with w from p.
+by their objective first), the router gives p(k | x_t, t[, c]), and an ODE solver (experts/solvers.py: Euler, Heun,
+multistep) integrates sum_k w_k v_k with w from p, or from p and each expert's measured reliability at t
+(router/calibration.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,31 +16,47 @@ from dataclasses import dataclass
 import torch
 
 from isles.experts.conditioning import TextCondition, cat_conditions
+from isles.experts.solvers import integrate
 from isles.protocol.errors import IslesError
+
+from .calibration import Reliability, calibrated_probabilities
 
 # velocity_fn(x_t [B,...], t [B], class_labels [B] | None) -> v [B,...]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 # router_fn(x_t, t, class_labels) -> logits [B, K]
 RouterFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
-ROUTING_HELP = "top1, top2, topk:K, full, or threshold:P (every expert with p >= P, at least the most probable)"
+ROUTING_HELP = (
+    "top1, top2, topk:K, full, or threshold:P (every expert with p >= P, at least the most probable); "
+    "calibrated[:MODE] weighs the router by each expert's measured reliability at t first (e.g. calibrated:top1)"
+)
 
 
 @dataclass(frozen=True)
 class Routing:
-    """How router probabilities become mixing weights. `mode` is one of top-k, full and threshold."""
+    """How router probabilities become mixing weights. `mode` is one of top-k, full and threshold; `calibrated`
+    reweighs the probabilities by each expert's measured reliability at t before the mode applies."""
 
     mode: str  # "topk" | "full" | "threshold"
     k: int = 1
     p: float = 0.0
+    calibrated: bool = False
 
     def __str__(self) -> str:
-        return {"topk": f"top{self.k}", "full": "full", "threshold": f"threshold:{self.p:g}"}[self.mode]
+        plain = {"topk": f"top{self.k}", "full": "full", "threshold": f"threshold:{self.p:g}"}[self.mode]
+        if self.calibrated:
+            return "calibrated" if self.mode == "full" else f"calibrated:{plain}"
+        return plain
 
 
 def parse_routing(spec: str) -> Routing:
-    """'top1', 'top2', 'topk:3', 'full', 'threshold:0.2' -> Routing; anything else raises IslesError."""
+    """'top1', 'top2', 'topk:3', 'full', 'threshold:0.2', 'calibrated', 'calibrated:top2' -> Routing; anything else
+    raises IslesError."""
     text = spec.strip().lower()
+    if text == "calibrated":
+        return Routing("full", calibrated=True)
+    if text.startswith("calibrated:") and not text[len("calibrated:") :].startswith("calibrated"):
+        return dataclasses.replace(parse_routing(text[len("calibrated:") :]), calibrated=True)
     if text == "full":
         return Routing("full")
     if match := re.fullmatch(r"top(?:k:|-|_)?(\d+)", text):
@@ -124,8 +143,8 @@ def mixed_velocity(
 @dataclass
 class SampleResult:
     images: torch.Tensor  # [B, C, H, W] in the data scale, [-1, 1] for pixels (decoded when the ensemble has a VAE)
-    weights: torch.Tensor | None = None  # [steps, B, K] mixing weights used at each step
-    times: torch.Tensor | None = None  # [steps] the t of each step
+    weights: torch.Tensor | None = None  # [calls, B, K] mixing weights of each velocity call (one per Euler step)
+    times: torch.Tensor | None = None  # [calls] the t of each call
     latents: torch.Tensor | None = None  # what the experts produced, before the VAE decoded it (latent ensembles)
 
     @property
@@ -147,34 +166,42 @@ def sample_ensemble(
     device: str | torch.device = "cpu",
     return_routing: bool = False,
     callback: Callable[[int], None] | None = None,
+    solver: str = "euler",
+    reliability: Reliability | None = None,
 ) -> SampleResult:
-    """Euler from t=1 (noise) to t=0 with the routed mixture of expert velocities; seeded through `generator`.
+    """Integrate from t=1 (noise) to t=0 the routed mixture of expert velocities with `solver` (experts/solvers.py);
+    seeded through `generator`.
 
     `experts[k]` is None where expert k is missing; the router is renormalised over the others. `class_labels` is
-    the condition passed to the experts and the router: class labels [B], a TextCondition, or None. `callback(i)` runs
-    after step i (a progress bar's tick).
+    the condition passed to the experts and the router: class labels [B], a TextCondition, or None. A calibrated
+    routing needs `reliability` (router/calibration.py). `callback(i)` runs after the solver's i-th velocity call
+    (a progress bar's tick; Heun makes 2 steps - 1 of them).
     """
-    if steps < 1:
-        raise IslesError(f"steps must be at least 1, got {steps}", hint="use --steps 30")
     routing = parse_routing(routing) if isinstance(routing, str) else routing
+    if routing.calibrated and reliability is None:
+        raise IslesError(
+            "calibrated routing needs each expert's measured velocity error, and this ensemble has none",
+            hint="re-publish it with a current aggregator, or use top1",
+        )
     present = torch.tensor([fn is not None for fn in experts], dtype=torch.bool)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
     if class_labels is not None:
         class_labels = class_labels.to(device)
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    trace = []
-    for i in range(steps):
-        t = torch.full((shape[0],), float(times[i]), device=device)
-        probs = router_probabilities(router(x, t, class_labels), present.to(device))
+    trace, times = [], []
+
+    def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        probs = router_probabilities(router(x_t, t, class_labels), present.to(x_t.device))
+        if routing.calibrated:
+            probs = calibrated_probabilities(probs, reliability.at(t))
         weights = routing_weights(probs, routing)
         if return_routing:
             trace.append(weights.cpu())
-        v = mixed_velocity(experts, weights, x, t, class_labels)
-        x = x + float(times[i + 1] - times[i]) * v  # dt < 0: toward the data
-        if callback is not None:
-            callback(i)
+            times.append(float(t[0]))
+        return mixed_velocity(experts, weights, x_t, t, class_labels)
+
+    x = integrate(velocity, x, solver=solver, steps=steps, callback=callback)
     return SampleResult(
         images=x,
         weights=torch.stack(trace) if return_routing else None,
-        times=times[:-1] if return_routing else None,
+        times=torch.tensor(times) if return_routing else None,
     )

@@ -108,6 +108,15 @@ def test_every_routing_mode_samples(ensemble_dir):
     assert torch.isfinite(unconditional.images).all()
 
 
+def test_every_sampler_samples_from_the_command_line(ensemble_dir, tmp_path):
+    for sampler, calls in (("heun", 5), ("dpm++2m", 3), ("unipc", 3), ("euler", 3)):
+        args = ("--class", 2, "--n", 2, "--steps", 3, "--sampler", sampler, "--show-routing", "--json")
+        proc = isles("sample", ensemble_dir, "--out", tmp_path / f"{sampler}.png", *args)
+        assert proc.returncode == 0, proc.stderr
+        written = json.loads(proc.stdout)
+        assert written["sampler"] == sampler and sum(written["steps_per_expert"]) == 2 * calls, written
+
+
 def test_missing_expert_is_named_and_skip_broken_samples_without_it(ensemble_dir, tmp_path):
     broken = tmp_path / "ensemble"
     shutil.copytree(ensemble_dir, broken)
@@ -130,6 +139,8 @@ def test_missing_expert_is_named_and_skip_broken_samples_without_it(ensemble_dir
     [
         (["--routing", "best"], "Error: unknown routing mode 'best'"),
         (["--class", "12"], "Error: class 12 out of range"),
+        (["--sampler", "rk45"], "Error: unknown sampler 'rk45'"),
+        (["--routing", "calibrated:top1"], "Error: expert 0 has no measured velocity error"),
     ],
 )
 def test_bad_input_is_one_error_line(ensemble_dir, tmp_path, args, message):

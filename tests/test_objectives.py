@@ -11,7 +11,7 @@ from isles.experts.objectives import (
     ddpm_input,
     expert_velocity,
     loss_at,
-    sample_euler,
+    sample_flow,
     training_loss,
 )
 from isles.protocol.errors import IslesError
@@ -70,7 +70,7 @@ def test_ddpm_input_matches_the_signal_to_noise_ratio_of_the_flow_path():
 
 def test_euler_sampling_with_the_optimal_velocity_recovers_the_data_distribution():
     gen = torch.Generator().manual_seed(2)
-    x = sample_euler(lambda x, t: optimal_fm(x, t * TIMESTEP_SCALE), (4096, 1, 2, 2), steps=100, generator=gen)
+    x = sample_flow(lambda x, t: optimal_fm(x, t * TIMESTEP_SCALE), (4096, 1, 2, 2), steps=100, generator=gen)
     assert abs(x.mean().item() - MU) < 0.01
     assert abs(x.std().item() - SIGMA) < 0.01
 
@@ -90,3 +90,28 @@ def test_the_optimal_expert_has_the_lowest_loss_and_losses_are_reproducible(obje
 def test_unknown_objective_is_a_user_error():
     with pytest.raises(IslesError, match="unknown objective"):
         expert_velocity("edm", optimal_fm, torch.zeros(1, 1, 2, 2), torch.zeros(1))
+
+
+def test_the_papers_guards_bound_a_noisy_ddpm_experts_velocity_at_high_noise():
+    """x0_hat = (x_t - t eps_hat) / (1 - t) carries eps_hat's error times t / (1 - t); the guards (x0_hat clamped,
+    its RMS capped at 1 above t = 0.85) keep the velocity's error bounded there, and leave low noise alone."""
+    from isles.experts.objectives import LATENT_X0_CLAMP, x0_clamp
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.full((64, 4, 8, 8), 0.5)
+    eps = torch.randn(x0.shape, generator=gen)
+    t = torch.full((64,), 0.97)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    noisy = lambda x, ts: optimal_ddpm(x, ts) + 0.3 * torch.randn(x.shape, generator=gen)  # noqa: E731
+    truth = eps - x0
+    for latent in (False, True):
+        unguarded = expert_velocity("ddpm", noisy, x_t, t, clip_x0=None, rescale_above=None)
+        guarded = expert_velocity("ddpm", noisy, x_t, t, clip_x0=x0_clamp(latent))
+        assert (guarded - truth).pow(2).mean() < 0.2 * (unguarded - truth).pow(2).mean(), latent
+    assert x0_clamp(True) == LATENT_X0_CLAMP == 20.0 and x0_clamp(False) == 1.0
+    low = torch.full((64,), 0.3)  # below 0.85 the RMS cap does not apply: only the clamp
+    x_low = (1 - low.view(-1, 1, 1, 1)) * x0 + low.view(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(
+        expert_velocity("ddpm", optimal_ddpm, x_low, low, clip_x0=None),
+        expert_velocity("ddpm", optimal_ddpm, x_low, low, clip_x0=None, rescale_above=None),
+    )

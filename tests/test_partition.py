@@ -192,3 +192,28 @@ def test_default_run_names_come_from_the_source():
     assert default_name("procedural:2000") == "procedural-2000"
     assert default_name("hf:user/cifar10:train") == "cifar10-train"
     assert default_name("/data/faces/") == "faces" and default_name("digits") == "digits"
+
+
+def test_steps_split_in_proportion_to_shard_size_keeps_the_total():
+    from isles.router.partition import split_steps
+
+    assert split_steps(100, [50, 30, 20], "equal") == [100, 100, 100]
+    assert split_steps(100, [50, 30, 20], "proportional") == [150, 90, 60]
+    uneven = split_steps(285, [7000, 5000, 4000, 3000], "proportional")
+    assert sum(uneven) == 4 * 285 and uneven == sorted(uneven, reverse=True)
+    assert min(split_steps(3, [1000, 1, 1], "proportional")) >= 1  # every expert trains
+    with pytest.raises(IslesError, match="unknown steps split"):
+        split_steps(10, [1, 2], "by-vibes")
+
+
+def test_partition_can_split_steps_by_cluster_size(tmp_path):
+    config = PartitionConfig(source="digits", experts=3, out=tmp_path / "run", steps=100, steps_split="proportional")
+    manifest = partition(config).manifest
+    steps = [e.steps for e in manifest.experts]
+    items = [s.items for s in manifest.shards]
+    assert sum(steps) == 300 and steps == sorted(steps, reverse=True) and items == sorted(items, reverse=True)
+    proc = subprocess.run(
+        [*ISLES, "partition", "digits", "--experts", "2", "--out", str(tmp_path / "r2"), "--steps-split", "sizes"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: unknown steps split 'sizes'"), proc.stderr

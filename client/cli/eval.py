@@ -27,7 +27,8 @@ def eval_command(
     data: str = typer.Option(
         None, "--data", help="Data set for the reference: digits, procedural[:N[:SEED]], a folder (default: recorded)."
     ),
-    steps: int = typer.Option(30, "--steps", min=1, help="Euler steps per sample."),
+    steps: int = typer.Option(30, "--steps", min=1, help="Solver steps per sample."),
+    solver: str = typer.Option("euler", "--sampler", help="ODE solver: euler, heun, dpm++2m or unipc."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     guidance: float = typer.Option(
         None, "--guidance", help="Classifier-free guidance per expert (1 = off; default: 4.5 for text models, else 1)."
@@ -48,6 +49,7 @@ def eval_command(
 ) -> None:
     """Evaluate a model or an ensemble against held-out real items; prints one row per routing mode."""
     from isles.experts.device import pick_device
+    from isles.experts.solvers import check_solver
     from isles.protocol.errors import IslesError
     from isles.protocol.files import atomic_write_json
     from isles.router.evaluate import (
@@ -61,6 +63,7 @@ def eval_command(
     from isles.router.sampling import parse_routing
 
     routings = tuple(str(parse_routing(r)) for r in (routing or ["top1", "top2", "full"]))
+    solver = check_solver(solver)
     if not Path(model).exists() and store is None:
         raise IslesError(f"no model at {model}", hint="pass an ensemble or expert folder, or a repo with --store")
     dev = str(pick_device(device))
@@ -69,7 +72,7 @@ def eval_command(
     if guidance is None:
         guidance = 4.5 if sampler.conditioning == "text" else 1.0
     config = EvalConfig(
-        n=n, routings=routings, steps=steps, seed=seed, batch_size=batch_size, guidance_scale=guidance,
+        n=n, routings=routings, steps=steps, solver=solver, seed=seed, batch_size=batch_size, guidance_scale=guidance,
         inception=inception, device=dev, cache_dir=cache_dir, clip_model=clip_model,
     )  # fmt: skip
     source = data or recorded
@@ -103,7 +106,7 @@ def rows_table(rows: list[dict], title: str = ""):
     if rows:
         r = rows[0]
         metric = "FVD" if r.get("video") else "FID"
-        caption = f"n = {r['n']}, {r['steps']} steps; real held-out items: {metric} floor "
+        caption = f"n = {r['n']}, {r['steps']} {r.get('solver', 'euler')} steps; real held-out items: {metric} floor "
         caption += f"{_fmt(r['fid_floor'], '.3f')}, "
         caption += f"accuracy {_fmt(r['real_accuracy'], '.3f')}, diversity {_fmt(r['real_diversity'], '.2f')}"
     table = Table(title=title, caption=caption)

@@ -31,7 +31,10 @@ def partition(
     encoder: str = typer.Option("pixels", "--encoder", help="pixels, pixels:D, dinov2, clip or hf:<model id>."),
     resolution: int = typer.Option(None, "--resolution", help="Resize items to this size (default: the source's)."),
     preset: str = typer.Option("unet-tiny", "--preset", help="Expert model preset (see `isles presets`)."),
-    steps: int = typer.Option(2000, "--steps", min=1, help="Training steps of every expert."),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Training steps of every expert (the mean, if split)."),
+    steps_split: str = typer.Option(
+        "equal", "--steps-split", help="equal (every expert --steps) or proportional (to its shard; same total)."
+    ),
     objectives: str = typer.Option("fm", "--objectives", help="fm, ddpm, or mixed:N (N DDPM experts)."),
     global_batch: int = typer.Option(64, "--batch", min=1, help="Global batch of every expert."),
     lr: float = typer.Option(2e-4, "--lr", help="Expert learning rate."),
@@ -79,12 +82,13 @@ def partition(
     from isles.protocol.errors import IslesError
     from isles.protocol.identity import parse_owner_key
     from isles.router.model import ROUTER_PRESETS
-    from isles.router.partition import PartitionConfig, parse_objectives
+    from isles.router.partition import PartitionConfig, parse_objectives, split_steps
     from isles.router.partition import partition as run_partition
 
     from .sample import image_grid, save_png
 
     parse_objectives(objectives, max(experts, 1))  # fail fast, before loading any data
+    split_steps(steps, [1], steps_split)
     if router_preset not in ROUTER_PRESETS:
         raise IslesError(f"unknown router preset {router_preset!r}", hint=f"use one of: {', '.join(ROUTER_PRESETS)}")
     get_preset(preset)  # fail fast on an unknown preset too
@@ -119,6 +123,7 @@ def partition(
         preset=preset,
         objectives=objectives,
         steps=steps,
+        steps_split=steps_split,
         global_batch=global_batch,
         lr=lr,
         router_preset=router_preset,

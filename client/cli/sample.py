@@ -120,8 +120,13 @@ def sample(
     prompt: str = typer.Option(None, "--prompt", help="What to draw (text ensembles)."),
     prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line: a row per prompt."),
     n: int = typer.Option(16, "--n", min=1, help="Number of images (per prompt with --prompts)."),
-    routing: str = typer.Option("top1", "--routing", help="top1, top2, topk:K, full, or threshold:P."),
-    steps: int = typer.Option(30, "--steps", min=1, help="Euler steps from noise to data."),
+    routing: str = typer.Option(
+        "top1", "--routing", help="top1, top2, topk:K, full, threshold:P; calibrated[:MODE] weighs by reliability."
+    ),
+    steps: int = typer.Option(30, "--steps", min=1, help="Solver steps from noise to data."),
+    sampler: str = typer.Option(
+        "euler", "--sampler", help="ODE solver: euler, heun (2 expert calls a step), dpm++2m or unipc (multistep)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same images."),
     guidance: float = typer.Option(
         None,
@@ -143,11 +148,13 @@ def sample(
     import torch
 
     from isles.experts.data import to_pixels
+    from isles.experts.solvers import check_solver
     from isles.protocol.errors import IslesError
     from isles.router.ensemble import EnsemblePipeline
     from isles.router.sampling import parse_routing
 
-    routing_mode = parse_routing(routing)  # a bad mode fails before any download
+    routing_mode = parse_routing(routing)  # a bad mode or sampler fails before any download
+    sampler = check_solver(sampler)
     prompts = read_prompts(prompts_file) if prompts_file is not None else None
     if prompt is not None and prompts is not None:
         raise IslesError("pass --prompt or --prompts, not both")
@@ -170,7 +177,7 @@ def sample(
     kind = f"clips of {pipe.frames} frames" if pipe.is_video else "images"
     output.stderr.print(
         f"ensemble: {pipe.num_experts} experts ({len(pipe.experts)} present) making {kind}, routing {routing_mode}, "
-        f"{steps} steps"
+        f"{steps} {sampler} steps"
     )
     result = pipe(
         n=n,
@@ -178,13 +185,21 @@ def sample(
         prompt=asked,
         routing=routing_mode,
         steps=steps,
+        solver=sampler,
         seed=seed,
         guidance_scale=guidance,
         return_routing=show_routing,
     )
     scale = scale or max(1, 64 // pipe.resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = {"grid": str(out), "n": n, "class": class_label, "routing": str(routing_mode), "seed": seed}
+    written = {
+        "grid": str(out),
+        "n": n,
+        "class": class_label,
+        "routing": str(routing_mode),
+        "sampler": sampler,
+        "seed": seed,
+    }
     if asked is not None:
         written.update(prompts=prompts or [prompt], guidance=guidance)
     if result.latents is not None:  # decoded by the ensemble's VAE; the latents are kept beside the picture
