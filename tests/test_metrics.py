@@ -174,6 +174,7 @@ def test_isles_eval_ensemble_rows_as_json(tmp_path):
 
 
 def test_isles_eval_single_expert_table_and_errors(tmp_path):
+    import json
     import subprocess
 
     from conftest import ISLES
@@ -192,10 +193,17 @@ def test_isles_eval_single_expert_table_and_errors(tmp_path):
         ISLES + ["eval", str(tmp_path / "ens"), "--routing", "sideways"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 1 and "unknown routing" in proc.stderr
+    # Another ODE solver: Heun's 2 steps are 3 model calls a sample.
+    args = ["eval", str(tmp_path / "expert"), "--n", "30", "--steps", "2", "--sampler", "heun", "--json"]
+    proc = subprocess.run(ISLES + args + ["--cache-dir", str(tmp_path / "c"), "--device", "cpu"], capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)["rows"][0]
+    assert row["solver"] == "heun" and row["expert_calls_per_sample"] == 3.0
 
 
 @pytest.mark.slow
-def test_iso_flop_quick_writes_every_configuration(tmp_path):
+def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's questions, and the sampler table
     """benchmarks/iso_flop.py --quick: both sides train on the same FLOPs; every configuration has mean and spread."""
     import json
     import subprocess
@@ -214,6 +222,14 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):
         assert abs(row["train_flops"] - budget) <= 0.05 * budget, name  # iso-FLOP, router included
     assert result["top1"]["expert_calls_per_sample"] < result["full"]["expert_calls_per_sample"]
     assert result["fid_floor"] < result["monolith"]["fid_mean"]
+    for name in ("calibrated_top1", "hetero_calibrated", "hetero_chosen", "proportional"):
+        assert abs(result[name]["train_flops"] - budget) <= 0.05 * budget, name  # still iso-FLOP
+    steps = [s["rows"]["proportional"]["steps"] for s in result["per_seed"]]
+    assert all(sum(st) == 3 * result["per_seed"][0]["expert_steps"] and st[0] > st[-1] for st in steps), steps
+    sweep = {(r["solver"], r["steps"]): r for r in result["samplers"]}
+    assert set(sweep) == {(s, n) for s in ("euler", "heun", "dpm++2m", "unipc") for n in (2, 4)}
+    assert sweep[("heun", 4)]["expert_calls_per_sample"] == 7 and sweep[("dpm++2m", 4)]["expert_calls_per_sample"] == 4
     assert (tmp_path / "iso_flop_quick.png").stat().st_size > 1000
     assert "| monolith |" in (tmp_path / "iso_flop_quick.md").read_text()
+    assert "| heun | 4 | 7 |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith |" in proc.stdout
