@@ -1,7 +1,9 @@
 """The aggregator behind `isles aggregate`: verify every release of a run, keep one per unit, publish the ensemble.
 
 A release is accepted when its files (no larger than the recipe's model allows) match their sha256, its config is the
-manifest's recipe exactly (every key), its weights are finite, and its loss on the shard's held-out split is below
+manifest's recipe exactly (every key), its weights are finite, its checkpoint chain holds (client/release_checks.py:
+every checkpoint of its holder that verified is on it, and it ends in the checkpoint whose EMA weights it exports), and
+its loss on the shard's held-out split is below
 the manifest's `eval.max_val_loss_fraction` of an untrained model's (the router: `max_router_loss_fraction` of an
 untrained router's cross-entropy); a reported val loss that disagrees with ours by more than
 `eval.val_loss_tolerance` (a fraction) is refused too. Everything is deterministic (fixed noise, CPU), and judgments
@@ -20,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isles.protocol.chain import FINAL_CHECKPOINT
 from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
 from isles.protocol.installation import default_work_dir
@@ -27,7 +30,7 @@ from isles.protocol.installation import default_work_dir
 from .checkpoint_witness import CheckpointWitness
 from .judgments import ACCEPTED, Judgments
 from .model_card import SAMPLES_FILE, model_card
-from .release_checks import RecipeChecks, non_finite
+from .release_checks import RecipeChecks, check_chain, non_finite
 from .run_access import pull_shard, shard_stores
 
 log = logging.getLogger("isles.aggregate")
@@ -108,11 +111,13 @@ class Aggregator:
         self.published: Published | None = None
         self._shards: dict[int, object] = {}
         self._tasks: dict[str, tuple] = {}
+        self._profiles: dict[tuple[str, str], list[float]] = {}  # (unit, release revision) -> velocity error by t
         self.shard_stores = shard_stores(manifest.store, store, config.token)
         self.judgments = Judgments(self.work)
         self.checks = RecipeChecks(manifest)
         self._rejected_of: Counter[str] = Counter()  # signer's peer id -> releases of it rejected
         self._rejected_content: dict[tuple[str, str], str] = {}  # (repo, revision) -> why it was rejected
+        self.witness: CheckpointWitness | None = None  # what it verified, releases' chains must carry (and the DHT's)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -213,7 +218,8 @@ class Aggregator:
         if missing:
             return Verdict(False, f"release lacks {', '.join(missing)}")
         folder = self._release_folder(release)
-        expected = {p: h for p, h in release.files.items() if p.endswith((".json", ".safetensors"))}
+        wanted = (".json", ".safetensors", FINAL_CHECKPOINT)  # a release's files, its chain and final checkpoint
+        expected = {p: h for p, h in release.files.items() if p.endswith(wanted)}
         try:
             self.store.pull(release.repo, release.revision, folder, expected, max_bytes=self.checks.max_bytes(unit))
         except TooLarge as exc:
@@ -229,7 +235,11 @@ class Aggregator:
         except StoreUnavailable as exc:
             return Verdict(False, f"the store is unreachable: {exc.message}", retry=True)
         try:
-            problem = self._check_config(unit, folder) or non_finite(folder, REQUIRED[kind][1])
+            problem = (
+                self._check_config(unit, folder)
+                or non_finite(folder, REQUIRED[kind][1])
+                or self._check_chain(unit, release, folder)
+            )
             if problem:
                 return Verdict(False, problem, folder=folder)
             import torch
@@ -261,6 +271,18 @@ class Aggregator:
                 folder,
             )
         return Verdict(True, "", val_loss, threshold, folder)
+
+    def _check_chain(self, unit: str, release, folder: Path) -> str | None:
+        """The release's checkpoint chain against what this aggregator (and the run's others) verified."""
+        from .checkpoint_witness import verified_checkpoints, verified_links
+
+        run_id, local = self.manifest.run_id, self.witness.links if self.witness is not None else {}
+        try:
+            links = verified_links(self.swarm, run_id, unit, release.token.owner, release.token.attempt, local)
+            points = verified_checkpoints(self.swarm, run_id, unit, local) or None
+            return check_chain(self.manifest, release, folder, REQUIRED[unit_kind(unit)][1], links, points)
+        finally:  # the final checkpoint is read once: what is kept of an accepted release is its model
+            (folder / FINAL_CHECKPOINT).unlink(missing_ok=True)
 
     def _release_folder(self, release) -> Path:
         return self.work / "releases" / release.unit / release.revision
@@ -362,6 +384,17 @@ class Aggregator:
             return {"n": min(classes, 10) * 6, "class_labels": torch.arange(min(classes, 10)).repeat_interleave(6)}
         return {"n": 24}
 
+    def _velocity_errors(self, unit: str, acc, model) -> list[float]:
+        """The expert's measured velocity error per noise-level bin, once per accepted release (deterministic: fixed
+        held-out noise, so a restarted aggregator publishes the same numbers)."""
+        import torch
+
+        key = (unit, acc.release.revision)
+        if key not in self._profiles:
+            task, _ = self._task_and_untrained(unit)
+            self._profiles[key] = [round(v, 6) for v in task.velocity_errors(model, torch.device("cpu"))]
+        return self._profiles[key]
+
     def publish(self) -> Published:
         """Assemble the accepted units into the published layout and publish it as a revision of the ensemble repo."""
         import torch
@@ -370,6 +403,7 @@ class Aggregator:
         from isles.protocol.artifacts import folder_files
         from isles.protocol.records import Ensemble
         from isles.protocol.swarm import dht_time
+        from isles.router.calibration import PROFILE_KEY
         from isles.router.ensemble import EnsemblePipeline, Expert
 
         m = self.manifest
@@ -388,6 +422,8 @@ class Aggregator:
                 "data": {"source": m.dataset, "latent": m.vae is not None, "vae": m.vae.dict() if m.vae else None},
             }
             model = self._load(unit, acc.verdict.folder)
+            # Its velocity error per noise level on the held-out split, for calibrated routing (router/calibration.py).
+            meta[PROFILE_KEY] = self._velocity_errors(unit, acc, model)
             # diffusers saves the folder it loaded from; name the release instead, so restarts publish the same bytes.
             model.register_to_config(_name_or_path=f"{acc.release.repo}@{acc.release.revision}")
             experts[i] = Expert(i, model, m.experts[i].objective, meta)
@@ -529,6 +565,7 @@ def run_aggregator(config: AggregateConfig, stop: threading.Event | None = None)
             agg.replay,
             config.replay_fraction,
         )
+        agg.witness = witness
         while not stop.is_set():
             agg.poll()
             witness.forget(agg.accepted)

@@ -4,10 +4,13 @@ training from the holder's previous verified checkpoint on the shard lands on it
 first verified checkpoint is replayed from the recipe's initial weights); then sign a
 VerifiedCheckpoint (protocol/witness.py). Resumers install only verified checkpoints; holders whose checkpoints never
 verify lose their lease after the progress timeout; a holder whose segment does not replay is verified no more.
+A pointer's chain link must hash its checkpoint (protocol/chain.py); what verified is kept (and persisted), so the
+aggregator can check that a release's chain carries every checkpoint verified of its holder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -17,6 +20,7 @@ log = logging.getLogger("isles.aggregate")
 
 MAX_PER_POLL = 4  # downloads per poll: a flood of pointers delays verification, it does not stall the aggregator
 MAX_JUDGED = 10_000
+LINKS_FILE = "links.json"
 _RANDOM = random.SystemRandom()
 
 
@@ -35,6 +39,9 @@ class CheckpointWitness:
         self.judged: dict[tuple[str, str], bool] = {}  # (repo, revision) -> verified
         self.verified_step: dict[tuple[str, str, int], int] = {}  # (unit, holder, attempt) -> newest verified step
         self.stalled: dict[str, list[str]] = {}  # unit -> holders of live claims without verified progress in time
+        # (unit, holder, attempt) -> [(step, checkpoint sha256, chain link)] verified here, oldest first; persisted, so
+        # a restarted aggregator still holds a release to every checkpoint it verified
+        self.links: dict[tuple[str, str, int], list[tuple[int, str, str]]] = self._load_links()
 
     def poll(self) -> int:
         """Verify up to MAX_PER_POLL new pointers; returns how many were verified."""
@@ -53,13 +60,34 @@ class CheckpointWitness:
                 if (pointer.repo, pointer.revision) in self.judged or budget == 0:
                     continue
                 budget -= 1
-                ok = self._check(unit, pointer, recipe_steps(self.manifest, unit), (unit, holder, attempt))
-                self._remember((pointer.repo, pointer.revision), ok)
-                if ok:
+                sha256 = self._check(unit, pointer, recipe_steps(self.manifest, unit), (unit, holder, attempt))
+                self._remember((pointer.repo, pointer.revision), sha256 is not None)
+                if sha256 is not None:
                     verified += 1
                     self.verified_step[(unit, holder, attempt)] = pointer.step
-                    self._publish(unit, holder, attempt, pointer)
+                    self._keep_link((unit, holder, attempt), pointer.step, sha256, pointer.chain_link)
+                    self._publish(unit, holder, attempt, pointer, sha256)
         return verified
+
+    def _keep_link(self, key: tuple[str, str, int], step: int, sha256: str, link: str) -> None:
+        from isles.protocol.chain import MAX_LINKS
+        from isles.protocol.files import atomic_write_json
+
+        if key not in self.links and len(self.links) >= MAX_JUDGED:
+            del self.links[next(iter(self.links))]
+        self.links.setdefault(key, []).append((step, sha256, link))
+        del self.links[key][:-MAX_LINKS]
+        doc = [[*key, [list(x) for x in links]] for key, links in self.links.items()]
+        atomic_write_json(self.work / "verify" / LINKS_FILE, doc)
+
+    def _load_links(self) -> dict:
+        path = self.work / "verify" / LINKS_FILE
+        try:
+            doc = json.loads(path.read_text()) if path.is_file() else []
+            return {(u, h, a): [tuple(x) for x in links] for u, h, a, links in doc}
+        except (OSError, ValueError, TypeError) as exc:  # our own file: damaged by a crash mid-write, say
+            log.warning("cannot read %s (%s): starting without the checkpoints verified before", path, exc)
+            return {}
 
     def _holder(self, unit: str) -> tuple[str, int] | None:
         """(peer id, attempt) of the unit's lease holder, judged as volunteers judge it (first-seen ages, stalled
@@ -86,12 +114,14 @@ class CheckpointWitness:
                 self.kept.pop(unit)[1].unlink(missing_ok=True)
         self.done = set(units)
 
-    def _check(self, unit: str, pointer, steps: int, holder_key) -> bool:
+    def _check(self, unit: str, pointer, steps: int, holder_key) -> str | None:
+        """The checkpoint file's sha256 if the pointer verifies, else None."""
         from isles.experts import checkpoints
+        from isles.protocol.chain import next_link
         from isles.protocol.errors import IslesError
 
         if pointer.step <= self.verified_step.get(holder_key, 0) or holder_key[1] in self.cheaters:
-            return False  # no progress over what this holder already showed, or it was caught
+            return None  # no progress over what this holder already showed, or it was caught
         model = self.recipe_model(unit)
         folder = self.work / "verify" / pointer.revision[:32]
         try:
@@ -103,16 +133,15 @@ class CheckpointWitness:
                 raise IslesError("no whole checkpoint")
             if checkpoints.check_foreign(path, model, steps) != pointer.step:
                 raise IslesError("not at the step its pointer says")
+            sha256 = pointer.files.get(path.name, "")  # the pull checked the file against it
+            if pointer.chain_link != next_link(pointer.chain_prev, sha256, pointer.step):
+                raise IslesError("its chain link does not hash the checkpoint (protocol/chain.py)")
             # The segment to replay starts at this holder's previous verified checkpoint, or at step 0 when the unit
             # has none yet. A later holder's first checkpoint is not replayed: which verified checkpoint it resumed
             # from is its word, and a wrong guess here would brand an honest volunteer a cheater.
             first = unit not in self.kept and not self._ever_verified(unit)
             previous = self.kept[unit][1] if self.kept.get(unit, (None,))[0] == holder_key else None
-            if (
-                self.replay is not None
-                and (previous is not None or first)
-                and _RANDOM.random() < self.replay_fraction
-            ):
+            if self.replay is not None and (previous is not None or first) and _RANDOM.random() < self.replay_fraction:
                 result = self.replay(unit, previous, path)
                 if not result.ok:
                     self.cheaters.add(holder_key[1])
@@ -132,7 +161,7 @@ class CheckpointWitness:
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, kept)  # the start of the next segment to replay
             self.kept[unit] = (holder_key, kept)
-            return True
+            return sha256
         except IslesError as exc:
             log.warning(
                 "%s: checkpoint %s@%s from %s does not verify: %s",
@@ -142,12 +171,12 @@ class CheckpointWitness:
                 pointer.token.owner,
                 exc,
             )
-            return False
+            return None
         except Exception as exc:  # anything a hostile file can provoke: refused, never fatal
             log.warning(
                 "%s: checkpoint from %s does not verify: %s: %s", unit, pointer.token.owner, type(exc).__name__, exc
             )
-            return False
+            return None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -158,7 +187,7 @@ class CheckpointWitness:
 
         return bool(get_verified(self.swarm, self.manifest.run_id, unit))
 
-    def _publish(self, unit: str, holder: str, attempt: int, pointer) -> None:
+    def _publish(self, unit: str, holder: str, attempt: int, pointer, sha256: str) -> None:
         from isles.protocol.swarm import dht_time
         from isles.protocol.witness import VerifiedCheckpoint, put_verified
 
@@ -172,6 +201,8 @@ class CheckpointWitness:
             step=pointer.step,
             verified_time=dht_time(),
             peer_id=self.swarm.peer_id,
+            sha256=sha256,
+            chain_link=pointer.chain_link,
         )
         if put_verified(self.swarm, record):
             log.info("%s: verified the checkpoint of %s at step %d", unit, holder, pointer.step)
@@ -180,3 +211,23 @@ class CheckpointWitness:
         if len(self.judged) >= MAX_JUDGED:
             del self.judged[next(iter(self.judged))]
         self.judged[key] = ok
+
+
+def verified_links(swarm, run_id: str, unit: str, holder: str, attempt: int, local: dict) -> list[tuple]:
+    """(step, sha256, chain link) of every checkpoint of this holder's attempt that verified: here (`local`, a
+    witness's `links`), or by any of the run's aggregators (their newest per holder, from the DHT)."""
+    from isles.protocol.witness import get_verified
+
+    found = set(local.get((unit, holder, attempt), []))
+    for v in get_verified(swarm, run_id, unit):
+        if v.holder == holder and v.attempt == attempt and v.sha256:
+            found.add((v.step, v.sha256, v.chain_link))
+    return sorted(found)
+
+
+def verified_checkpoints(swarm, run_id: str, unit: str, local: dict) -> set[tuple[int, str]]:
+    """(step, sha256) of every verified checkpoint of `unit`, whoever held it: where a resumer may have started."""
+    from isles.protocol.witness import get_verified
+
+    found = {(step, sha) for key, links in local.items() if key[0] == unit for step, sha, _ in links}
+    return found | {(v.step, v.sha256) for v in get_verified(swarm, run_id, unit) if v.sha256}

@@ -28,6 +28,7 @@ from .run_access import (
     shard_stores,
     unit_task,
 )
+from .training_chain import ResumePolicy, chain_path, load_kept
 from .unit_choice import largest_first, units_too_slow
 
 log = logging.getLogger("isles.join")
@@ -229,7 +230,10 @@ class Volunteer:
                 checkpoint_every_steps=None,
                 checkpoint_every_seconds=c.checkpoint_period,
             )
-            resumed_from = self._restore_checkpoint(unit, unit_dir, task, recipe)
+            kept = load_kept(m.run_id, unit, unit_dir, token.attempt)
+            policy = ResumePolicy(self.swarm, m.run_id, unit, kept)
+            resumed_from, resumed_sha = self._restore_checkpoint(unit, unit_dir, task, recipe, policy)
+            chain = policy.chain(m.run_id, unit, chain_path(unit_dir, token.attempt), resumed_from, resumed_sha)
             if resumed_from:
                 self.display.event(f"resuming {unit} from step {resumed_from}")
             self.display.update(
@@ -256,7 +260,7 @@ class Volunteer:
                 if step < recipe.steps and step > 0:
                     staging = self._stage_checkpoint(path, step)
                     pusher.submit(
-                        lambda: self._push_checkpoint(lease, staging, step, recipe.steps),
+                        lambda: self._push_checkpoint(lease, staging, step, recipe.steps, chain),
                         lambda: shutil.rmtree(staging, ignore_errors=True),
                     )
 
@@ -282,7 +286,7 @@ class Volunteer:
             if not result.completed:
                 self.display.event(f"stopped {unit} at step {result.step}: checkpoint pushed, unit handed back")
                 return UnitOutcome(unit, "stopped", result.step, resumed_from)
-            outcome = self._release(lease, result, resumed_from)
+            outcome = self._release(lease, result, chain.inherited_from, chain)
             self.display.event(
                 f"released {unit}: val loss {outcome.metrics.get('val_loss', float('nan')):.4f}, "
                 f"{c.store or m.store} {outcome.revision[:12]}"
@@ -296,26 +300,42 @@ class Volunteer:
         """The trainer task of a unit and its recipe; pulls (and verifies) the shards it needs."""
         return unit_task(self.manifest, unit, self.shard_stores, self.work / "shards")
 
-    def _restore_checkpoint(self, unit: str, unit_dir: Path, task, recipe) -> int | None:
-        """Make the newest checkpoint anyone pushed the trainer's starting point; returns its step (None: step 0).
+    def _restore_checkpoint(self, unit: str, unit_dir: Path, task, recipe, policy) -> tuple[int | None, str | None]:
+        """Make the newest checkpoint we may start from the trainer's starting point: ours, or the furthest anyone
+        pushed; returns its step and sha256 ((None, None): step 0).
 
-        A pushed checkpoint comes from another peer: it is installed only if it is whole and of this unit's recipe
-        and task, so a foreign or broken one cannot stop every later volunteer of the unit (the trainer refuses it)."""
+        `policy` (client/training_chain.py) says which: once the run's aggregators verify checkpoints, only verified
+        ones or this attempt's own chain, as the release's chain must show. A pushed checkpoint comes from another
+        peer: it is installed only if it is whole and of this unit's recipe and task, so a foreign or broken one
+        cannot stop every later volunteer of the unit (the trainer refuses it)."""
 
         import torch
 
         from isles.experts import checkpoints
         from isles.experts.trainer import check_resumable
+        from isles.protocol.files import sha256_file
 
         ckpt_dir = unit_dir / "checkpoints"
-        latest = checkpoints.latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None  # only whole checkpoints
-        local_step = next((s for s, p in checkpoints.list_checkpoints(ckpt_dir) if p == latest), 0) if latest else 0
+        local_step, local_sha = 0, None
+        # Our newest whole checkpoint that the policy allows. Newer ones go: unverified and not on this attempt's
+        # chain (never pushed before a crash, or an older attempt's), a release built on them would be refused.
+        for step, path in sorted(checkpoints.list_checkpoints(ckpt_dir), reverse=True) if ckpt_dir.is_dir() else []:
+            if not checkpoints.verify_checkpoint(path):
+                continue  # not whole (the trainer skips it too)
+            sha = sha256_file(path)
+            if policy.allows(step, sha):
+                local_step, local_sha = step, sha
+                break
+            self.display.event(f"dropping the local checkpoint of {unit} at step {step}: nobody verified it")
+            path.unlink()
         with torch.device("meta"):  # the recipe's model, for the checks below: nothing is allocated
             model = task.build_model()
         # Furthest first, skipping any that does not check out (signed by its holder, inside the recipe's steps).
         for pointer in self.swarm.checkpoints_to_resume(self.manifest.run_id, unit):
             if pointer.step <= local_step:
                 break
+            if not policy.allows(pointer.step, pointer.files.get(checkpoints.checkpoint_name(pointer.step), "")):
+                continue
             staging = unit_dir / "pulled"
             shutil.rmtree(staging, ignore_errors=True)
             try:
@@ -328,20 +348,21 @@ class Volunteer:
                 if checkpoints.check_foreign(pulled, model, recipe.steps) != pointer.step:
                     raise IslesError(f"{pointer.repo}@{pointer.revision[:12]} is not at the step its pointer says")
                 check_resumable(pulled, task, recipe)
+                pulled_sha = sha256_file(pulled)
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 for entry in staging.iterdir():  # the checkpoint's file(s), as the trainer wrote them
                     target = ckpt_dir / entry.name
                     if target.is_dir():
                         shutil.rmtree(target)
                     entry.replace(target)
-                local_step = pointer.step
+                local_step, local_sha = pointer.step, pulled_sha
                 self.display.event(f"pulled the checkpoint of {unit} at step {pointer.step} ({pointer.token.owner})")
                 break
             except IslesError as exc:
                 log.warning("cannot use the checkpoint of %s from %s (%s)", unit, pointer.token.owner, exc)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        return local_step or None
+        return (local_step, local_sha) if local_step else (None, None)
 
     def _stage_checkpoint(self, path: Path, step: int) -> Path:
         """Hard-link (or copy) the checkpoint's file(s) into a folder of their own: the trainer may prune the originals
@@ -360,8 +381,10 @@ class Volunteer:
                 shutil.copy2(part, staging / part.name)
         return staging
 
-    def _push_checkpoint(self, lease, staging: Path, step: int, steps: int) -> None:
-        """Publish a staged checkpoint and point the swarm at it (runs on the pusher thread)."""
+    def _push_checkpoint(self, lease, staging: Path, step: int, steps: int, chain) -> None:
+        """Publish a staged checkpoint, link it into the chain and point the swarm at it (runs on the pusher thread,
+        one push after another, so the chain grows in step order)."""
+        from isles.experts.checkpoints import checkpoint_name
         from isles.protocol.artifacts import folder_files
         from isles.protocol.records import CheckpointPointer
         from isles.protocol.swarm import dht_time
@@ -370,16 +393,20 @@ class Volunteer:
         try:
             repo = qualified(self.store, f"{m.run_id}-{lease.unit}-checkpoints")
             revision = self.store.publish(repo, staging, kind="model", message=f"{lease.unit} step {step}")
+            files = folder_files(staging)
+            link = chain.add(step, files.get(checkpoint_name(step), ""))
             pointer = CheckpointPointer(
                 run_id=m.run_id,
                 unit=lease.unit,
                 token=lease.fencing_token,
                 repo=repo,
                 revision=revision,
-                files=folder_files(staging),
+                files=files,
                 step=step,
                 steps=steps,
                 written_time=dht_time(),
+                chain_link=link.link,
+                chain_prev=link.prev,
             )
             self.swarm.put_checkpoint(pointer)
             self.display.event(f"pushed the checkpoint of {lease.unit} at step {step}")
@@ -392,14 +419,19 @@ class Volunteer:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _release(self, lease, result, resumed_from: int | None) -> UnitOutcome:
+    def _release(self, lease, result, resumed_from: int | None, chain) -> UnitOutcome:
         from isles.protocol.artifacts import folder_files
         from isles.protocol.records import Release
         from isles.protocol.swarm import dht_time
 
         m, unit, metrics = self.manifest, lease.unit, result.metrics
         repo = qualified(self.store, f"{m.run_id}-{unit}")
-        revision = self.store.publish(repo, result.export_dir, kind="model", message=f"{unit} trained by {self.name}")
+        folder = self._stage_release(result, chain)
+        try:
+            revision = self.store.publish(repo, folder, kind="model", message=f"{unit} trained by {self.name}")
+            files = folder_files(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         objective = m.experts[int(unit.rsplit("-", 1)[1])].objective if unit != "router" else "router"
         release = Release(
             run_id=m.run_id,
@@ -407,7 +439,7 @@ class Volunteer:
             token=lease.fencing_token,
             repo=repo,
             revision=revision,
-            files=folder_files(result.export_dir),
+            files=files,
             objective=objective,
             steps=int(result.step),
             flops=float(metrics.get("train_flops", 0.0)),
@@ -418,10 +450,16 @@ class Volunteer:
             released_time=dht_time(),
             resumed_from_step=resumed_from,
             volunteer=self.name,
+            chain_head=chain.head,
         )
         if not self.swarm.put_release(release):
             raise IslesError(f"no peer accepted the release of {unit}", hint="check the connection to the swarm")
         return UnitOutcome(unit, "released", result.step, resumed_from, revision, metrics)
+
+    def _stage_release(self, result, chain) -> Path:
+        if result.checkpoint is None:
+            raise IslesError(f"the trainer left no checkpoint of step {result.step} to release")
+        return stage_release(result.export_dir, result.checkpoint, result.step, chain)
 
     # -- presence ------------------------------------------------------------------------------------------------
 
@@ -452,6 +490,25 @@ class Volunteer:
                 pass
             if self.stop.wait(self.config.heartbeat_period):
                 return
+
+
+def stage_release(export_dir: Path, checkpoint: Path, step: int, chain) -> Path:
+    """The folder to publish as a release (beside `export_dir`): the exported model, the checkpoint of the last step
+    (its EMA weights are the model's) and the chain that ends in it, so the aggregator can check that the weights
+    follow from the training it verified (client/release_checks.py). Extends `chain` by that checkpoint."""
+    from isles.protocol.chain import CHAIN_FILE, FINAL_CHECKPOINT
+    from isles.protocol.files import sha256_file
+
+    chain.add(step, sha256_file(checkpoint))
+    folder = Path(export_dir).parent / "release"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(export_dir, folder)
+    try:
+        os.link(checkpoint, folder / FINAL_CHECKPOINT)
+    except OSError:
+        shutil.copy2(checkpoint, folder / FINAL_CHECKPOINT)
+    chain.write(folder / CHAIN_FILE)
+    return folder
 
 
 def _need_label(recipe) -> str:

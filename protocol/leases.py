@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 # Claims are self-reported: a claim may live at most this long past its own heartbeat, and may not be dated in the
 # future, so one peer cannot hold a unit for years with a single write.
 MAX_TTL_PERIOD = 3600.0
+MIN_SETTLE_POLL = 0.25  # while settling, look for a claim that beats ours at most this often (seconds)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ def owner_of(
         if not stalled(e, now, progress.get((e.peer_id, e.record.attempt)), progress_timeout)
     ]
     return min(live, key=lambda e: (claimed_time_of(e, grace), e.record.claimed_time, e.record.peer_id), default=None)
+
+
+def _place(entry: Signed, settings: LeaseSettings) -> tuple:
+    """A claim's place in line, as `owner_of` orders claims."""
+    return (claimed_time_of(entry, settings.backdate_grace), entry.record.claimed_time, entry.record.peer_id)
 
 
 def stalled_claims(entries: list[Signed], now: float, progress: dict, progress_timeout: float) -> list[Signed]:
@@ -218,6 +225,7 @@ class LeaseManager:
         self.swarm, self.run_id, self.settings, self.hardware = swarm, run_id, settings, hardware
         self.leases: list[Lease] = []
         self._closed = threading.Event()
+        self._written: dict[str, float] = {}  # unit -> expiration of our newest claim record (a store must outlive it)
 
     def choose_units(self, units: Iterable[str]) -> list[str]:
         return rendezvous_rank(units, self.swarm.peer_id)
@@ -248,9 +256,11 @@ class LeaseManager:
 
     def claim(self, unit: str) -> Lease | None:
         """Claim `unit`: write, settle, re-read; a Lease if we are the owner, else None (our claim is withdrawn)."""
+        return self._claim(unit, self.swarm.get_claims(self.run_id, unit))
+
+    def _claim(self, unit: str, entries: list[Signed]) -> Lease | None:
         mine = self.swarm.subkey()
         now = dht_time()
-        entries = self.swarm.get_claims(self.run_id, unit)
         owner = self.owner_entry(unit, entries)
         if owner is not None and owner.subkey != mine:
             return None  # taken: an earlier live claim would beat ours anyway
@@ -268,11 +278,15 @@ class LeaseManager:
             hardware=self.hardware,
         )
         # A store wins only with a later expiration: outlive our own earlier record (e.g. a fresh withdrawal).
-        previous = [e.expiration_time for e in entries if e.subkey == mine]
+        previous = [e.expiration_time for e in entries if e.subkey == mine] + [self._written.get(unit, 0.0)]
         expiration = max([now + self.settings.ttl_period, *(t + 0.001 for t in previous)])
         if not self.swarm.put_claim(claim, expiration):
             return None
-        if self._closed.wait(self.settings.settle_period):
+        self._written[unit] = expiration
+        settled = time.monotonic() + self.settings.settle_period
+        if owner is None:  # while racing claims land: does an old attempt's checkpoint make ours a repeat?
+            claim, expiration = self._past_checkpoints(claim, expiration)
+        if not self._settle(claim, settled):
             self._withdraw(claim, expiration)
             return None
         owner = self.owner_entry(unit, self.swarm.get_claims(self.run_id, unit), exempt=mine)
@@ -285,16 +299,47 @@ class LeaseManager:
         logger.info("claimed %s (attempt %d)", unit, attempt)
         return lease
 
+    def _settle(self, claim: Claim, until: float) -> bool:
+        """Wait until `until` (monotonic) for racing claims to land; False as soon as one that beats ours shows up
+        (losing is certain then: the earliest claim never gives way to a later one, so the unit stays owned) or the
+        manager closes. Racers that lose learn it a read after the winner's claim lands, not a settle period later."""
+        period = max(MIN_SETTLE_POLL, self.settings.settle_period / 4)
+        ours = (claim.claimed_time, claim.claimed_time, claim.peer_id)
+        while (left := until - time.monotonic()) > 0:
+            if self._closed.wait(min(period, left)):
+                return False
+            if until - time.monotonic() <= 0:
+                return True
+            entries = self.swarm.get_claims(self.run_id, claim.unit)
+            owner = self.owner_entry(claim.unit, entries, exempt=self.swarm.subkey())
+            if owner is not None and owner.peer_id != claim.peer_id and _place(owner, self.settings) < ours:
+                logger.debug("lost the race for %s to %s while settling", claim.unit, owner.record.peer_id)
+                return False
+        return not self._closed.is_set()
+
     def _next_attempt(self, unit: str, entries: list[Signed]) -> int:
-        previous = [e.record.attempt for e in entries]
-        previous += [e.record.token.attempt for e in self.swarm.get_checkpoints(self.run_id, unit)]
-        return min(max(previous, default=0) + 1, MAX_ATTEMPT)
+        return min(max((e.record.attempt for e in entries), default=0) + 1, MAX_ATTEMPT)
+
+    def _past_checkpoints(self, claim: Claim, expiration: float) -> tuple[Claim, float]:
+        """Checkpoints outlive claims: if one carries our attempt or a later one, claim again with the next attempt
+        (same claimed time, so the same place in line). Read during the settle period, so it costs no time."""
+        tokens = [e.record.token.attempt for e in self.swarm.get_checkpoints(self.run_id, claim.unit)]
+        if max(tokens, default=0) < claim.attempt:
+            return claim, expiration
+        renewed = claim.copy(update=dict(attempt=min(max(tokens) + 1, MAX_ATTEMPT)))
+        expiration += 0.001
+        if self.swarm.put_claim(renewed, expiration):
+            self._written[claim.unit] = expiration
+            return renewed, expiration
+        return claim, expiration
 
     def _withdraw(self, claim: Claim, expiration_time: float) -> None:
         # A store only wins with a later expiration than the stored one, so the tombstone outlives the claim a bit.
         withdrawn = claim.copy(update=dict(state="withdrawn", heartbeat_time=dht_time()))
+        expiration = max(expiration_time, dht_time()) + 1.0
+        self._written[claim.unit] = max(self._written.get(claim.unit, 0.0), expiration)
         try:
-            self.swarm.put_claim(withdrawn, max(expiration_time, dht_time()) + 1.0)
+            self.swarm.put_claim(withdrawn, expiration)
         except Exception as exc:  # the DHT is gone: the claim will expire on its own
             logger.debug("could not withdraw %s: %s", claim.unit, exc)
 

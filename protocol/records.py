@@ -333,6 +333,9 @@ class CheckpointPointer(Record):
     step: NonNegInt
     steps: NonNegInt
     written_time: StrictFloat
+    # The holder's checkpoint chain (protocol/chain.py) after this checkpoint and before it; its release extends it.
+    chain_link: StrictStr = ""
+    chain_prev: StrictStr = ""
 
     def signer_ids(self) -> list[str]:
         return [self.token.owner]
@@ -357,6 +360,7 @@ class Release(Record):
     released_time: StrictFloat
     resumed_from_step: NonNegInt | None = None  # where training picked up another attempt's checkpoint, if it did
     volunteer: StrictStr = ""  # the volunteer's display name, for the model card
+    chain_head: StrictStr = ""  # the head of its checkpoint chain (protocol/chain.py; the links are in its files)
 
     def signer_ids(self) -> list[str]:
         # The display name is self-chosen, but may not be another peer's id (a release "by" someone else).

@@ -32,6 +32,8 @@ class VerifiedCheckpoint(Record):
     step: NonNegInt
     verified_time: StrictFloat
     peer_id: StrictStr  # the aggregator
+    sha256: StrictStr = ""  # of the checkpoint file: the holder's release must carry it on its chain ...
+    chain_link: StrictStr = ""  # ... with this link (the history the holder committed to when it pushed it)
 
     def signer_ids(self) -> list[str]:
         return [self.peer_id]

@@ -73,12 +73,18 @@ def _expert_task(manifest, store_root, noise: bool = False):
     return ExpertTask(shard, preset=manifest.experts[0].preset, objective="fm")
 
 
-def _release(swarm, manifest, unit: str, folder, *, attempt: int, val_loss=None, files=None, tag: str = ""):
-    """Publish `folder` and write a release record for it, as a volunteer would."""
+def _release(swarm, manifest, unit, folder, *, attempt: int, val_loss=None, files=None, tag: str = "", ckpts=None):
+    """Publish `folder` with its training's last checkpoint (in `ckpts`, default beside it) and checkpoint chain, and
+    write a release record for it, as a volunteer would."""
+    from isles.client.join import stage_release
+    from isles.experts.checkpoints import latest_checkpoint
     from isles.protocol.artifacts import folder_files, open_store
+    from isles.protocol.chain import Chain
     from isles.protocol.records import FencingToken, Release
     from isles.protocol.swarm import dht_time
 
+    chain = Chain(manifest.run_id, unit)
+    folder = stage_release(folder, latest_checkpoint(ckpts or folder.parent / "checkpoints"), TRAIN["steps"], chain)
     repo = f"{manifest.run_id}-{unit}{tag}"
     revision = open_store(manifest.store).publish(repo, folder)
     token = FencingToken(unit=unit, attempt=attempt, owner=swarm.peer_id, claimed_time=dht_time())
@@ -93,6 +99,7 @@ def _release(swarm, manifest, unit: str, folder, *, attempt: int, val_loss=None,
         val_loss=val_loss,
         released_time=dht_time(),
         volunteer=f"tester{tag}",
+        chain_head=chain.head,
     )
     assert swarm.put_release(release)
     return release
@@ -141,9 +148,10 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
     first = sorted(weights)[0]
     weights[first] = torch.full_like(weights[first], float("nan"))
     save_file(weights, str(nan_dir / "diffusion_pytorch_model.safetensors"))
-    nan = _release(vol, m, "expert-0", nan_dir, attempt=2, tag="-nan")
+    ckpts = tmp_path / "honest" / "checkpoints"
+    nan = _release(vol, m, "expert-0", nan_dir, attempt=2, tag="-nan", ckpts=ckpts)
     # ... and the only release of expert-1 is poisoned too: once rejected, volunteers see that unit as open again.
-    _release(vol, m, "expert-1", nan_dir, attempt=1, tag="-nan")
+    _release(vol, m, "expert-1", nan_dir, attempt=1, tag="-nan", ckpts=ckpts)
     # 3. Trained on noise: a well-formed model that did not learn its shard.
     _train(_expert_task(m, tmp_path, noise=True), tmp_path / "noise", seed=0)
     on_noise = _release(vol, m, "expert-0", tmp_path / "noise" / "model", attempt=3, tag="-noise")
@@ -213,6 +221,14 @@ def test_poisoned_releases_rejected_honest_accepted_and_restart_gives_same_ensem
     pipe = EnsemblePipeline.from_pretrained(summary["ensemble"], device="cpu")
     images = pipe(n=4, class_labels=3, steps=4, seed=0).images
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    # Each accepted expert carries its held-out velocity error per noise level, measured by the aggregator (the same
+    # after the restart: the revision did not change), which calibrated routing weighs it by.
+    from isles.router.calibration import PROFILE_KEY
+
+    profile = pipe.experts[0].meta[PROFILE_KEY]
+    assert len(profile) == 10 and all(v > 0 for v in profile)
+    calibrated = pipe(n=4, class_labels=3, steps=4, seed=0, routing="calibrated:top1", solver="dpm++2m").images
+    assert torch.isfinite(calibrated).all()
 
 
 def _files(folder):

@@ -287,15 +287,23 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
     volunteer.display = SimpleNamespace(event=lambda text: None)
     unit_dir = tmp_path / "unit"
 
+    anything = SimpleNamespace(allows=lambda step, sha256: True)  # a run nobody verifies (client/training_chain.py)
     push(TrainRecipe(steps=100, global_batch=16, seed=7), 50)  # another seed: another trajectory
-    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine) is None
+    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine, anything) == (None, None)
     assert checkpoints.list_checkpoints(unit_dir / "checkpoints") == []
 
     push(mine, 40)
     # Checkpoints that do not fit the recipe's model, or sit at its last step, are skipped for the furthest that does.
     push(mine, 60, weights=torch.nn.Linear(2, 3).state_dict())
     push(mine, 100)
-    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine) == 40
+    step, sha256 = volunteer._restore_checkpoint("expert-0", unit_dir, task, mine, anything)
+    assert step == 40 and sha256 == pointers[1].files[checkpoints.checkpoint_name(40)]
+    assert [s for s, _ in checkpoints.list_checkpoints(unit_dir / "checkpoints")] == [40]
+    # Once the run verifies checkpoints, an unverified one is neither installed nor kept: a release built on it would
+    # be refused. Here only step 40 is verified, and a newer local checkpoint (never pushed) is dropped for it.
+    only_40 = SimpleNamespace(allows=lambda step, sha256: step == 40)
+    checkpoints.write_checkpoint(unit_dir / "checkpoints", 45, {"step": 45, "model": model.state_dict()})
+    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine, only_40) == (40, sha256)
     assert [s for s, _ in checkpoints.list_checkpoints(unit_dir / "checkpoints")] == [40]
 
 
