@@ -330,3 +330,45 @@ def test_a_unit_whose_release_was_refused_is_not_trained_again(monkeypatch):
     loop.join(10)
     assert not loop.is_alive() and claims == []
     assert events[-1].startswith("expert-0: our release is not (or not yet) accepted")
+
+
+@pytest.mark.slow
+def test_a_volunteer_killed_and_restarted_keeps_its_chain_and_its_release_is_accepted(bootstrap, spawn, tmp_path):
+    """kill -9 after the aggregator verified some of its checkpoints, then the same volunteer again: it renews its
+    claim (same attempt), resumes its own newest checkpoint, continues the chain it kept on disk, and the release
+    carries every checkpoint verified before the crash, so the aggregator accepts it."""
+    from isles.protocol.identity import load_identity
+    from isles.router.partition import PartitionConfig, partition
+
+    peer, swarm = bootstrap
+    owner = tmp_path / "identities" / "owner"
+    config = PartitionConfig(
+        identity=owner, source="digits", experts=1, out=tmp_path / "run", store=str(tmp_path / "store"),
+        name="restart-chain", seed=13, steps=200, global_batch=16, lr=2e-3, warmup_steps=5, router_preset="cnn-tiny",
+        router_steps=20,
+    )  # fmt: skip
+    manifest = partition(config).manifest
+    assert swarm.publish_manifest(manifest)
+    aggregator = spawn(
+        [*ISLES, "aggregate", "--peers", peer, "--host-maddrs", LOOPBACK, "--run", manifest.run_id, "--poll-period",
+         "1", "--sample-steps", "2", "--work-dir", str(tmp_path / "aggregator"), "--identity", str(owner),
+         "--replay-fraction", "0"],
+        name="aggregator",
+    )  # fmt: skip
+    lease = ["--lease-ttl", "30", "--heartbeat-period", "1"]  # largest unit first: expert-0, not the tiny router
+    first = _join(spawn, peer, manifest, tmp_path, "vol", *lease)
+    me = load_identity(tmp_path / "identities" / "vol").peer_id
+    wait_for(
+        lambda: "verified the checkpoint of " + me in read_log(aggregator), 200,
+        message=f"a verified checkpoint\n{read_log(first)}\n{read_log(aggregator)}",
+    )  # fmt: skip
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(10)
+    second = _join(spawn, peer, manifest, tmp_path, "vol", *lease)  # the same work dir and identity
+    assert second.wait(300) == 0, read_log(second)
+    log = read_log(second)
+    assert "claimed expert-0 (attempt 1)" in log and "resuming expert-0 from step" in log, log
+    accepted = "expert-0: accepted"
+    wait_for(lambda: accepted in read_log(aggregator) or "REJECTED" in read_log(aggregator), 120,
+             message=read_log(aggregator))  # fmt: skip
+    assert accepted in read_log(aggregator) and "REJECTED" not in read_log(aggregator), read_log(aggregator)
