@@ -280,7 +280,12 @@ class Aggregator:
         try:
             links = verified_links(self.swarm, run_id, unit, release.token.owner, release.token.attempt, local)
             points = verified_checkpoints(self.swarm, run_id, unit, local) or None
-            return check_chain(self.manifest, release, folder, REQUIRED[unit_kind(unit)][1], links, points)
+            problem = check_chain(self.manifest, release, folder, REQUIRED[unit_kind(unit)][1], links, points)
+            if problem is None and self.witness is not None:  # the segment from its last verified checkpoint
+                problem = self.witness.replay_final(
+                    unit, release.token.owner, release.token.attempt, folder / FINAL_CHECKPOINT
+                )
+            return problem
         finally:  # the final checkpoint is read once: what is kept of an accepted release is its model
             (folder / FINAL_CHECKPOINT).unlink(missing_ok=True)
 

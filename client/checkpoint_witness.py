@@ -107,6 +107,31 @@ class CheckpointWitness:
         owner = owner_of(entries, now, settings.backdate_grace, progress, settings.progress_timeout)
         return None if owner is None else (owner.peer_id, owner.record.attempt)
 
+    def replay_final(self, unit: str, holder: str, attempt: int, final: Path) -> str | None:
+        """Why a release's final checkpoint does not follow from the last checkpoint verified of its holder's attempt
+        by training (replayed at the same random rate as other segments), or None. Without it, a holder could
+        publish weights fine-tuned after its last verified checkpoint under a made-up final checkpoint."""
+        kept = self.kept.get(unit)
+        if self.replay is None or kept is None or kept[0] != (unit, holder, attempt):
+            return None  # nothing verified of this holder's attempt to replay from (its chain was checked)
+        if _RANDOM.random() >= self.replay_fraction:
+            return None
+        try:
+            result = self.replay(unit, kept[1], final)
+        except Exception as exc:  # a hostile final checkpoint must not take the aggregator down
+            return f"its final checkpoint cannot be replayed: {type(exc).__name__}: {exc}"
+        if not result.ok:
+            self.cheaters.add(holder)
+            return (
+                f"training steps {result.start_step}-{result.end_step} on the shard do not land on its final "
+                f"checkpoint (relative error {result.relative_error:.3g}): not trained as the recipe says"
+            )
+        verdict = "exact" if result.exact else f"relative error {result.relative_error:.2e}"
+        log.info(
+            "%s: final steps %d-%d of %s replayed (%s)", unit, result.start_step, result.end_step, holder, verdict
+        )
+        return None
+
     def forget(self, units) -> None:
         """Stop watching `units` (their releases are accepted): delete what was kept for their replays."""
         for unit in units:

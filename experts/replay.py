@@ -1,9 +1,10 @@
 """Verified training by replay: start from one pushed checkpoint of a unit, train the recipe's task on the unit's
 shard up to the step of the next pushed checkpoint, and compare weights. The trainer resumes bit-identically on a CPU
-(tests/test_trainer.py), so an honest segment lands exactly on the next checkpoint; one trained on noise or on another
-shard does not. Across hardware (or micro-batches) pass a tolerance: how far the replayed weights may land from the
-claimed ones, as a fraction of how far the segment moved them (L2 norms over every weight). A holder's first
-checkpoint is replayed from the recipe's seeded initial weights (start=None): training from scratch is as exact.
+(tests/test_trainer.py), so an honest segment lands exactly on the next checkpoint, trained weights and EMA alike;
+one trained on noise or on another shard does not. Across hardware (or micro-batches) pass a tolerance: how far the
+replayed weights may land from the claimed ones, as a fraction of how far the segment moved them (L2 norms over every
+weight). A holder's first checkpoint is replayed from the recipe's seeded initial weights (start=None): training from
+scratch is as exact.
 
     result = replay_segment(task, recipe, start_ckpt, end_ckpt, work_dir)   # result.ok, result.relative_error
     result = replay_segment(task, recipe, None, first_ckpt, work_dir)       # steps 0..first_ckpt's step
@@ -60,7 +61,8 @@ def replay_segment(
     end_state = checkpoints.read_checkpoint(end)
     if start is None:
         torch.manual_seed(recipe.seed)  # as the trainer builds its model: these are the weights of step 0
-        start_state = {"step": 0, "model": task.build_model().state_dict()}
+        initial = task.build_model().state_dict()
+        start_state = {"step": 0, "model": initial, "ema": initial}  # the EMA starts as a copy of the model
     else:
         start_state = checkpoints.read_checkpoint(start)
     first, last = int(start_state["step"]), int(end_state["step"])
@@ -77,18 +79,21 @@ def replay_segment(
     result = train(task, recipe, work, device=device, stop_at_step=last, export=False)
     if result.step != last:
         raise IslesError(f"the replay stopped at step {result.step}, not {last}")
-    replayed = checkpoints.read_checkpoint(checkpoints.latest_checkpoint(work / "checkpoints"))["model"]
-    if replayed.keys() != claimed.keys():
-        raise IslesError(f"checkpoint {end} is not of the recipe's model")
-    error, moved, begin = 0.0, 0.0, start_state["model"]
-    for name, tensor in replayed.items():
-        other = claimed[name]
-        if tensor.shape != other.shape or begin.get(name) is None or begin[name].shape != other.shape:
-            raise IslesError(f"checkpoint {end}: {name} is not of the shape of the recipe's model")
-        if tensor.is_floating_point():
-            error += float((tensor.double() - other.double()).pow(2).sum())
-            moved += float((other.double() - begin[name].double()).pow(2).sum())
-        elif not torch.equal(tensor, other):
-            error = float("inf")
+    replayed_state = checkpoints.read_checkpoint(checkpoints.latest_checkpoint(work / "checkpoints"))
+    error, moved = 0.0, 0.0
+    # The trained weights and their EMA (what a release exports): both must land where the checkpoint says.
+    for part in ("model", "ema"):
+        replayed, claimed, begin = replayed_state[part], end_state.get(part), start_state.get(part)
+        if not isinstance(claimed, dict) or not isinstance(begin, dict) or replayed.keys() != claimed.keys():
+            raise IslesError(f"checkpoint {end} is not of the recipe's model ({part})")
+        for name, tensor in replayed.items():
+            other = claimed[name]
+            if tensor.shape != other.shape or begin.get(name) is None or begin[name].shape != other.shape:
+                raise IslesError(f"checkpoint {end}: {part} {name} is not of the shape of the recipe's model")
+            if tensor.is_floating_point():
+                error += float((tensor.double() - other.double()).pow(2).sum())
+                moved += float((other.double() - begin[name].double()).pow(2).sum())
+            elif not torch.equal(tensor, other):
+                error = float("inf")
     shutil.rmtree(work, ignore_errors=True)
     return ReplayResult(first, last, error**0.5, moved**0.5, tolerance)

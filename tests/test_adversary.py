@@ -378,6 +378,7 @@ def test_a_run_completes_with_honest_units_only_among_hostile_peers(spawn, tmp_p
         # The aggregator verified the honest checkpoints (what resumers and lease readers go by), and crashed on none.
         assert "verified the checkpoint of" in read_log(aggregator) and "Traceback" not in read_log(aggregator)
         assert "replayed (exact)" in read_log(aggregator), read_log(aggregator)[-3000:]  # honest CPU training
+        assert "final steps" in read_log(aggregator), read_log(aggregator)[-3000:]  # up to the released weights
     finally:
         boot.shutdown()
 

@@ -73,6 +73,20 @@ def test_a_first_checkpoint_replays_from_the_recipes_initial_weights(shards, tmp
     assert not replay_segment(task, RECIPE, None, forged, tmp_path / "replay", tolerance=0.01).ok
 
 
+def test_an_ema_changed_after_training_does_not_replay(shards, tmp_path):
+    """What a release exports is the EMA: a final checkpoint whose EMA was swapped (say, fine-tuned elsewhere) while
+    its trained weights are honest does not replay."""
+    shard, _ = shards
+    task = ExpertTask(shard, preset="unet-tiny", objective="fm")
+    honest = _train(shard, tmp_path / "honest")
+    assert replay_segment(task, RECIPE, honest[4], honest[6], tmp_path / "replay").exact
+    state = checkpoints.read_checkpoint(honest[6])
+    state["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    forged = checkpoints.write_checkpoint(tmp_path / "forged", 6, state)
+    result = replay_segment(task, RECIPE, honest[4], forged, tmp_path / "replay", tolerance=0.01)
+    assert not result.ok, result
+
+
 def test_checkpoints_trained_on_another_shard_do_not_replay(shards, tmp_path):
     shard, other = shards
     # Another shard of the same shape and size: the task it declares differs only by the shard's hash, which a cheater
