@@ -14,19 +14,11 @@ from pathlib import Path
 
 import pydantic.v1 as pydantic
 
-from . import keys, witness
+from . import keys
 from .errors import IslesError
 from .identity import Identity, ephemeral_identity, load_identity
-from .records import (
-    CheckpointPointer,
-    Claim,
-    Ensemble,
-    PeerPresence,
-    Rejection,
-    Release,
-    RunIndexEntry,
-    RunManifest,
-)
+from .record_types import RUN_RECORDS
+from .records import RunIndexEntry, RunManifest
 
 logger = logging.getLogger(__name__)
 DEFAULT_PORT = 31337
@@ -83,15 +75,14 @@ def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]
 
     annotations: dict[str, object] = {
         keys.MANIFEST: dict[pydantic.StrictStr, RunManifest] | None,  # subkey: the run id (values cannot be dicts)
-        keys.PRESENCE: signed(PeerPresence),
-        keys.ENSEMBLE: signed(Ensemble),
-        keys.REJECTIONS: signed(Rejection),
     }
+    for kind in RUN_RECORDS:  # the record types (protocol/record_types.py), each subkey signed by its writer
+        if not kind.per_unit:
+            annotations[kind.field_name()] = signed(kind.model)
     for unit in units:
-        annotations[f"{witness.FIELD}_{unit}"] = signed(witness.VerifiedCheckpoint)
-        annotations[keys.run_field(keys.CLAIMS, unit)] = signed(Claim)
-        annotations[keys.run_field(keys.CHECKPOINTS, unit)] = signed(CheckpointPointer)
-        annotations[keys.run_field(keys.RELEASES, unit)] = signed(Release)
+        for kind in RUN_RECORDS:
+            if kind.per_unit:
+                annotations[kind.field_name(unit)] = signed(kind.model)
 
     def check_manifest(cls, value):  # a valid manifest of another run must not sit under this run's key
         for subkey, manifest in (value or {}).items():

@@ -20,7 +20,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .records import MAX_ATTEMPT, Claim, FencingToken
+from .record_base import MAX_ATTEMPT
+from .record_claim import Claim, FencingToken
 from .swarm import MAX_CLOCK_SKEW, Signed, Swarm, dht_time
 
 logger = logging.getLogger(__name__)

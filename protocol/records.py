@@ -1,71 +1,39 @@
-"""The records peers exchange over the DHT: run manifest, claim, checkpoint pointer, release, presence, ensemble.
+"""The run manifest (a run's data, shards and recipes, signed by its owner) and the runs index; and, re-exported, every
+other record type, each of which lives in its own module (protocol/record_types.py lists them): `records.Claim`.
 
-pydantic.v1 models with strict types, so hivemind's SchemaValidator refuses any record that would need a conversion.
-Every model keeps unknown fields (`Extra.allow`): an older peer stores and forwards a newer peer's records unchanged.
+pydantic.v1 models with strict types on the `Record` base (protocol/record_base.py); readers ignore unknown fields.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import pydantic.v1 as pydantic
-from pydantic.v1 import StrictBool, StrictFloat, StrictStr, conint
+from pydantic.v1 import StrictBool, StrictFloat, StrictStr
 
 from .errors import IslesError
 from .files import canonical_json
 
+# `x as x`: re-exported for older imports (`records.Claim`); each record type's home is its own module.
+from .record_base import MAX_ATTEMPT as MAX_ATTEMPT
+from .record_base import MAX_RECORD_BYTES as MAX_RECORD_BYTES
+from .record_base import Attempt as Attempt
+from .record_base import NonNegInt, PositiveInt, Record, _plain
+from .record_base import looks_like_peer_id as looks_like_peer_id
+from .record_base import parse_record as parse_record
+from .record_checkpoint import CheckpointPointer as CheckpointPointer
+from .record_claim import Claim as Claim
+from .record_claim import FencingToken as FencingToken
+from .record_ensemble import Ensemble as Ensemble
+from .record_presence import PeerPresence as PeerPresence
+from .record_presence import PresenceState as PresenceState
+from .record_rejection import Rejection as Rejection
+from .record_release import Release as Release
+
 RUN_ID_CHARS = 16  # hex characters of sha256 kept as the run id: 64 bits, enough to never collide by accident
 ROUTER_UNIT = "router"
-NonNegInt = conint(strict=True, ge=0)
-PositiveInt = conint(strict=True, ge=1)
-MAX_ATTEMPT = 1 << 30  # attempts are counted by whoever claims next: bounded, so a liar cannot overflow the count
-Attempt = conint(strict=True, ge=1, le=MAX_ATTEMPT)
-R = TypeVar("R", bound="Record")
-MAX_RECORD_BYTES = 32 * 1024
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # ~10k shards
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, pydantic.BaseModel):
-        return _plain(obj.dict())
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-class Record(pydantic.BaseModel):
-    class Config:
-        extra = pydantic.Extra.allow
-        allow_mutation = False
-        max_bytes = MAX_RECORD_BYTES  # every record is bounded: nobody fills a reader's memory with one write
-
-    def to_value(self) -> dict:
-        """The plain dict stored in the DHT (msgpack-serialisable, every field present so nothing is converted)."""
-        return self.dict()
-
-    def signer_ids(self) -> list[str]:
-        """The peer ids this record speaks for: each must be its signer's own, or readers drop the record."""
-        return []
-
-    @pydantic.root_validator(skip_on_failure=True)
-    def _bounded(cls, values: dict) -> dict:
-        size = len(canonical_json(_plain(values)))
-        if size > cls.__config__.max_bytes:
-            raise ValueError(f"a {cls.__name__} record of {size} bytes (at most {cls.__config__.max_bytes})")
-        return values
-
-
-def parse_record(model: type[R], value: Any) -> R | None:
-    """A record read back from the DHT, or None if it has the wrong shape (readers skip such records)."""
-    if not isinstance(value, dict):
-        return None
-    try:
-        return model.parse_obj(value)
-    except pydantic.ValidationError:
-        return None
 
 
 def expert_unit(index: int) -> str:
@@ -286,136 +254,8 @@ class RunIndexEntry(Record):
     published_time: StrictFloat
 
 
-# --- leases and their results -------------------------------------------------------------------------------------
-
-
-class FencingToken(Record):
-    """Who trained a unit under which claim; later records carry it so stale or duplicate work can be told apart."""
-
-    unit: StrictStr
-    attempt: Attempt
-    owner: StrictStr  # libp2p peer id (base58)
-    claimed_time: StrictFloat
-
-
-class Claim(Record):
-    """A peer's claim on one unit (one subkey per claimant). Renewed by heartbeats; expires unless renewed."""
-
-    run_id: StrictStr
-    unit: StrictStr
-    peer_id: StrictStr
-    state: Literal["claimed", "withdrawn"] = "claimed"
-    attempt: Attempt = 1
-    claimed_time: StrictFloat
-    heartbeat_time: StrictFloat
-    step: NonNegInt = 0
-    steps: NonNegInt = 0
-    samples_per_s: StrictFloat = 0.0
-    hardware: StrictStr = ""
-
-    @property
-    def token(self) -> FencingToken:
-        return FencingToken(unit=self.unit, attempt=self.attempt, owner=self.peer_id, claimed_time=self.claimed_time)
-
-    def signer_ids(self) -> list[str]:
-        return [self.peer_id]
-
-
-class CheckpointPointer(Record):
-    """Where the newest checkpoint of a unit lies, so the next claimant resumes instead of starting over."""
-
-    run_id: StrictStr
-    unit: StrictStr
-    token: FencingToken
-    repo: StrictStr
-    revision: StrictStr
-    files: dict[StrictStr, StrictStr]  # path -> sha256
-    step: NonNegInt
-    steps: NonNegInt
-    written_time: StrictFloat
-    # The holder's checkpoint chain (protocol/chain.py) after this checkpoint and before it; its release extends it.
-    chain_link: StrictStr = ""
-    chain_prev: StrictStr = ""
-
-    def signer_ids(self) -> list[str]:
-        return [self.token.owner]
-
-
-class Release(Record):
-    """A finished unit: its published weights and the numbers the aggregator checks."""
-
-    run_id: StrictStr
-    unit: StrictStr
-    token: FencingToken
-    repo: StrictStr
-    revision: StrictStr
-    files: dict[StrictStr, StrictStr]
-    objective: StrictStr = "fm"
-    steps: NonNegInt
-    flops: StrictFloat = 0.0
-    final_loss: StrictFloat | None = None
-    val_loss: StrictFloat | None = None
-    hardware: StrictStr = ""
-    wall_period: StrictFloat = 0.0
-    released_time: StrictFloat
-    resumed_from_step: NonNegInt | None = None  # where training picked up another attempt's checkpoint, if it did
-    volunteer: StrictStr = ""  # the volunteer's display name, for the model card
-    chain_head: StrictStr = ""  # the head of its checkpoint chain (protocol/chain.py; the links are in its files)
-
-    def signer_ids(self) -> list[str]:
-        # The display name is self-chosen, but may not be another peer's id (a release "by" someone else).
-        return [self.token.owner] + ([self.volunteer] if looks_like_peer_id(self.volunteer) else [])
-
-
-PresenceState = Literal["JOINING", "TRAINING", "IDLE", "OFFLINE"]
-
-
-class PeerPresence(Record):
-    """A peer's health in a run, re-announced by a heartbeat and set to OFFLINE on a clean exit."""
-
-    peer_id: StrictStr
-    state: PresenceState
-    unit: StrictStr | None = None
-    updated_time: StrictFloat
-    hardware: StrictStr = ""
-    version: StrictStr = ""
-
-    def signer_ids(self) -> list[str]:
-        return [self.peer_id]
-
-
-class Ensemble(Record):
-    """The aggregator's published ensemble: the revision and which releases went into it."""
-
-    run_id: StrictStr
-    repo: StrictStr
-    revision: StrictStr
-    files: dict[StrictStr, StrictStr]
-    experts: list[FencingToken]
-    router: FencingToken | None = None
-    complete: StrictBool = False
-    published_time: StrictFloat
-    peer_id: StrictStr
-
-    def signer_ids(self) -> list[str]:
-        return [self.peer_id]
-
-
-class Rejection(Record):
-    """A release the aggregator refused, and why (so its volunteer, and `isles status`, can see it)."""
-
-    run_id: StrictStr
-    unit: StrictStr
-    token: FencingToken
-    revision: StrictStr
-    reason: StrictStr
-    rejected_time: StrictFloat
-    peer_id: StrictStr
-
-    def signer_ids(self) -> list[str]:
-        return [self.peer_id]
-
-
-def looks_like_peer_id(text: str) -> bool:
-    """A base58 libp2p peer id (RSA keys: `Qm...`, 46 characters; ed25519: `12D3KooW...`, 52)."""
-    return (text.startswith("Qm") and len(text) == 46) or (text.startswith("12D3KooW") and len(text) == 52)
+def recipe_steps(manifest: RunManifest, unit: str) -> int:
+    """A unit's training steps as the manifest's recipe says (never as a record says)."""
+    if unit == manifest.units[-1]:
+        return manifest.router.steps
+    return manifest.experts[manifest.units.index(unit)].steps

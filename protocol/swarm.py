@@ -1,7 +1,8 @@
-"""Read and write a run's records in the DHT: manifests and the runs index, claims, checkpoint pointers, releases,
-presence, ensembles and rejections. Writes are signed with our identity; readers keep only records of the right shape
-whose signer may write them (the peer ids a record names are its signer's; ensembles and rejections come from the
-run's aggregators), and order them by when this reader first saw them, never by the times they state.
+"""Read and write a run's records in the DHT: manifests and the runs index here, and every record type through its
+own module (claims, checkpoint pointers, releases, presence, ensembles, rejections, verified checkpoints). Writes are
+signed with our identity; readers keep only records of the right shape whose signer may write them (the peer ids a
+record names are its signer's; ensembles and rejections come from the run's aggregators), and order them by when this
+reader first saw them, never by the times they state.
 
     swarm = Swarm(open_dht(DHTConfig(initial_peers=(...,))))
     manifest = swarm.get_manifest(run_id); swarm.put_release(release)
@@ -14,36 +15,26 @@ import threading
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import keys
+from . import keys, record_checkpoint, record_claim, record_ensemble, record_presence, record_rejection, record_release
 from .dht import DHTNode
 from .identity import peer_id_of, signer_of
-from .records import (
-    CheckpointPointer,
-    Claim,
-    Ensemble,
-    PeerPresence,
-    Record,
-    Rejection,
-    Release,
-    RunIndexEntry,
-    RunManifest,
-    parse_record,
-)
+from .record_base import DURABLE_PERIOD, Record, dht_time, first_seen_identity, parse_record
+from .record_checkpoint import CheckpointPointer
+from .record_claim import Claim
+from .record_ensemble import Ensemble
+from .record_presence import PeerPresence
+from .record_rejection import Rejection
+from .record_release import Release
+from .records import RunIndexEntry, RunManifest
+from .records import recipe_steps as recipe_steps
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
 
 MANIFEST_PERIOD = 3600.0  # manifests and index entries live this long unless re-announced (the bootstrap node does)
-DURABLE_PERIOD = 14 * 24 * 3600.0  # checkpoint pointers, releases, ensembles, rejections: results outlive peers
 MAX_CLOCK_SKEW = 3.0  # hivemind's MAX_DHT_TIME_DISCREPANCY_SECONDS
 MAX_ENTRIES = 256  # subkeys read per key: a key flooded by many signers is cut here, honest records first in line
 MAX_OBSERVED = 100_000  # first-seen times remembered (oldest forgotten first)
-
-
-def dht_time() -> float:
-    from hivemind.utils.timed_storage import get_dht_time
-
-    return get_dht_time()
 
 
 @dataclass(frozen=True)
@@ -117,10 +108,18 @@ class Swarm:
             if any(name != peer_id_of(signer) for name in record.signer_ids()):
                 logger.debug("dropping a %s that names a peer other than its signer", model.__name__)
                 continue
-            seen = self.first_seen(key, subkey, _identity(record))
+            seen = self.first_seen(key, subkey, first_seen_identity(record))
             entries.append(Signed(record, subkey, item.expiration_time, seen, self.first_seen(key, subkey)))
         entries.sort(key=lambda e: (e.first_seen, e.subkey))
         return entries[:MAX_ENTRIES]
+
+    def from_aggregators(self, run_id: str, key: str, model: type[R]) -> list[Signed]:
+        """Entries of `key` signed by a key the run's (owner-signed) manifest names as aggregator."""
+        manifest = self.manifest(run_id)
+        if manifest is None:
+            return []
+        entries = self._get_entries(key, model)
+        return [e for e in entries if e.record.run_id == run_id and manifest.may_aggregate(e.signer)]
 
     def manifest(self, run_id: str) -> RunManifest | None:
         """The run's manifest (registered on this peer, else looked up)."""
@@ -162,123 +161,53 @@ class Swarm:
                 runs.append(entry)
         return sorted(runs, key=lambda e: (-e.published_time, e.run_id))
 
-    # --- claims (the lease protocol lives in leases.py) -----------------------------------------------------------
+    # --- each record type's accessors, kept as methods for their callers (its module holds the code) -------------
+    # A new record type needs none here: its module's functions take the Swarm (protocol/witness.py).
 
     def put_claim(self, claim: Claim, expiration_time: float) -> bool:
-        key = keys.claims_key(claim.run_id, claim.unit)
-        self.first_seen(key, self.subkey(), _identity(claim))  # our own claim is seen when written
-        self.first_seen(key, self.subkey())
-        return self._store(key, claim.to_value(), expiration_time, self.subkey())
+        return record_claim.put_claim(self, claim, expiration_time)
 
     def get_claims(self, run_id: str, unit: str) -> list[Signed]:
-        from .leases import MAX_TTL_PERIOD
-
-        entries = self._get_entries(keys.claims_key(run_id, unit), Claim, max_period=MAX_TTL_PERIOD + 60.0)
-        return [e for e in entries if e.record.run_id == run_id and e.record.unit == unit]
-
-    # --- results of training ------------------------------------------------------------------------------------
+        return record_claim.get_claims(self, run_id, unit)
 
     def put_checkpoint(self, pointer: CheckpointPointer, expiration_period: float = DURABLE_PERIOD) -> bool:
-        key = keys.checkpoints_key(pointer.run_id, pointer.unit)
-        return self._store(key, pointer.to_value(), dht_time() + expiration_period, self.subkey())
+        return record_checkpoint.put_checkpoint(self, pointer, expiration_period)
 
     def get_checkpoints(self, run_id: str, unit: str) -> list[Signed]:
-        entries = self._get_entries(keys.checkpoints_key(run_id, unit), CheckpointPointer)
-        return [e for e in entries if e.record.run_id == run_id and e.record.unit == unit]
+        return record_checkpoint.get_checkpoints(self, run_id, unit)
 
     def checkpoints_to_resume(self, run_id: str, unit: str) -> list[CheckpointPointer]:
-        """Pointers a next claimant may resume from, furthest step first: signed by the peer whose token they carry,
-        strictly inside the recipe's steps (a pointer at or past the last step would be a finished model that its
-        resumer publishes as its own) and, once the run's aggregators verify checkpoints, verified by them (or ours).
-        The resumer still checks that the checkpoint loads with the recipe."""
-        from .witness import get_verified, run_verifies
-
-        pointers = self.valid_checkpoints(run_id, unit)
-        verified = {(v.holder, v.attempt, v.revision) for v in get_verified(self, run_id, unit)}
-        if verified or run_verifies(self, run_id):  # the aggregators verify checkpoints: only those (and ours) count
-            mine = self.subkey()
-            pointers = [
-                e
-                for e in pointers
-                if e.subkey == mine or (e.peer_id, e.record.token.attempt, e.record.revision) in verified
-            ]
-        pointers.sort(key=lambda e: (-e.record.step, e.first_seen))
-        return [e.record for e in pointers]
+        return record_checkpoint.checkpoints_to_resume(self, run_id, unit)
 
     def valid_checkpoints(self, run_id: str, unit: str) -> list[Signed]:
-        """Signed pointers strictly inside the recipe's steps (the rest count for nothing, progress included)."""
-        manifest = self.manifest(run_id)
-        if manifest is None or unit not in manifest.units:
-            return []
-        steps = recipe_steps(manifest, unit)
-        return [e for e in self.get_checkpoints(run_id, unit) if 0 < e.record.step < steps]
+        return record_checkpoint.valid_checkpoints(self, run_id, unit)
 
     def latest_checkpoint(self, run_id: str, unit: str) -> CheckpointPointer | None:
-        """The checkpoint to resume from: the furthest valid step, then the first seen."""
-        return next(iter(self.checkpoints_to_resume(run_id, unit)), None)
+        return record_checkpoint.latest_checkpoint(self, run_id, unit)
 
     def put_release(self, release: Release, expiration_period: float = DURABLE_PERIOD) -> bool:
-        key = keys.releases_key(release.run_id, release.unit)
-        subkey = self.subkey(f"{release.token.attempt}:{release.revision}")
-        return self._store(key, release.to_value(), dht_time() + expiration_period, subkey)
+        return record_release.put_release(self, release, expiration_period)
 
     def get_releases(self, run_id: str, unit: str) -> list[Release]:
-        """A unit's releases in the order this reader first saw them (a stated `released_time` counts for nothing)."""
-        entries = self._get_entries(keys.releases_key(run_id, unit), Release)
-        return [e.record for e in entries if e.record.run_id == run_id and e.record.unit == unit]
-
-    # --- presence, ensemble, rejections -------------------------------------------------------------------------
+        return record_release.get_releases(self, run_id, unit)
 
     def put_presence(self, run_id: str, presence: PeerPresence, expiration_period: float) -> bool:
-        return self._store(
-            keys.presence_key(run_id), presence.to_value(), dht_time() + expiration_period, self.subkey()
-        )
+        return record_presence.put_presence(self, run_id, presence, expiration_period)
 
     def get_presence(self, run_id: str) -> list[PeerPresence]:
-        return sorted((e.record for e in self._get_entries(keys.presence_key(run_id), PeerPresence)), key=_by_peer)
+        return record_presence.get_presence(self, run_id)
 
     def put_ensemble(self, ensemble: Ensemble, expiration_period: float = DURABLE_PERIOD) -> bool:
-        key = keys.ensemble_key(ensemble.run_id)
-        return self._store(key, ensemble.to_value(), dht_time() + expiration_period, self.subkey())
-
-    def from_aggregators(self, run_id: str, key: str, model: type[R]) -> list[Signed]:
-        """Entries of `key` signed by a key the run's (owner-signed) manifest names as aggregator."""
-        manifest = self.manifest(run_id)
-        if manifest is None:
-            return []
-        entries = self._get_entries(key, model)
-        return [e for e in entries if e.record.run_id == run_id and manifest.may_aggregate(e.signer)]
+        return record_ensemble.put_ensemble(self, ensemble, expiration_period)
 
     def get_ensembles(self, run_id: str) -> list[Ensemble]:
-        """The run's aggregators' ensembles, oldest first (as first seen here, then as stated)."""
-        entries = self.from_aggregators(run_id, keys.ensemble_key(run_id), Ensemble)
-        return [e.record for e in sorted(entries, key=lambda e: (e.first_seen, e.record.published_time))]
+        return record_ensemble.get_ensembles(self, run_id)
 
     def latest_ensemble(self, run_id: str) -> Ensemble | None:
-        ensembles = self.get_ensembles(run_id)
-        return ensembles[-1] if ensembles else None
+        return record_ensemble.latest_ensemble(self, run_id)
 
     def put_rejection(self, rejection: Rejection, expiration_period: float = DURABLE_PERIOD) -> bool:
-        key = keys.rejections_key(rejection.run_id)
-        subkey = self.subkey(f"{rejection.unit}:{rejection.token.attempt}:{rejection.revision}")
-        return self._store(key, rejection.to_value(), dht_time() + expiration_period, subkey)
+        return record_rejection.put_rejection(self, rejection, expiration_period)
 
     def get_rejections(self, run_id: str) -> list[Rejection]:
-        """The releases the run's aggregators refused (anyone else's "rejection" is dropped)."""
-        return [e.record for e in self.from_aggregators(run_id, keys.rejections_key(run_id), Rejection)]
-
-
-def _by_peer(presence: PeerPresence) -> str:
-    return presence.peer_id
-
-
-def recipe_steps(manifest: RunManifest, unit: str) -> int:
-    """A unit's training steps as the manifest's recipe says (never as a record says)."""
-    if unit == manifest.units[-1]:
-        return manifest.router.steps
-    return manifest.experts[manifest.units.index(unit)].steps
-
-
-def _identity(record: Record) -> tuple:
-    """What makes a record new for first-seen purposes: a claim's attempt, a result's revision and step."""
-    return tuple(getattr(record, name, None) for name in ("attempt", "claimed_time", "revision", "step"))
+        return record_rejection.get_rejections(self, run_id)

@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .leases import LeaseSettings, live_claims, owner_of, progress_of, stalled_claims
-from .records import Ensemble, PeerPresence, Rejection, RunManifest
+from .record_ensemble import Ensemble
+from .record_presence import PeerPresence
+from .record_rejection import Rejection
+from .records import RunManifest
 from .swarm import Swarm, dht_time
 
 

@@ -1,6 +1,6 @@
 """Verified checkpoints: the run's aggregators download each lease holder's newest pushed checkpoint, check that it
 loads into the recipe's model and advances, and sign what they verified. One record type in one home: its schema,
-DHT key, reader rule and accessors are all here (the schema is registered with the run's in protocol/dht.py).
+DHT key, reader rule and accessors are all here (protocol/record_types.py lists it for the run's validator).
 
 Readers use them twice: a resumer installs only checkpoints an aggregator verified (or its own), and a lease holder
 shows progress only by verified checkpoints, once the run's aggregators verify any; so a pointer from a peer that
@@ -13,8 +13,7 @@ import time
 
 from pydantic.v1 import StrictFloat, StrictStr
 
-from . import keys
-from .records import Attempt, NonNegInt, Record
+from .record_base import DURABLE_PERIOD, Attempt, NonNegInt, Record, RecordType, dht_time
 
 FIELD = "verified"  # the run's schema field (one key per unit): f"{FIELD}_{unit}"
 RECHECK_PERIOD = 30.0  # how long a reader trusts "nobody verifies this run's checkpoints" before looking again
@@ -39,13 +38,14 @@ class VerifiedCheckpoint(Record):
         return [self.peer_id]
 
 
+RECORD = RecordType(FIELD, VerifiedCheckpoint, per_unit=True)
+
+
 def verified_key(run_id: str, unit: str) -> str:
-    return f"{keys.run_prefix(run_id)}_{FIELD}_{unit}"
+    return RECORD.key(run_id, unit)
 
 
 def put_verified(swarm, record: VerifiedCheckpoint, expiration_period: float | None = None) -> bool:
-    from .swarm import DURABLE_PERIOD, dht_time
-
     subkey = swarm.subkey(f"{record.holder}:{record.attempt}")  # one record per holder and attempt: the newest
     expiration = dht_time() + (expiration_period or DURABLE_PERIOD)
     return swarm._store(verified_key(record.run_id, record.unit), record.to_value(), expiration, subkey)
