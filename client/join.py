@@ -235,7 +235,8 @@ class Volunteer:
             resumed_from, resumed_sha = self._restore_checkpoint(unit, unit_dir, task, recipe, policy)
             chain = policy.chain(m.run_id, unit, chain_path(unit_dir, token.attempt), resumed_from, resumed_sha)
             if resumed_from:
-                self.display.event(f"resuming {unit} from step {resumed_from}")
+                own = " (continuing its own checkpoint chain)" if chain.inherited_from is None else ""
+                self.display.event(f"resuming {unit} from step {resumed_from}{own}")
             self.display.update(
                 force=True,
                 unit=unit,

@@ -99,7 +99,14 @@ def test_kill_9_leaves_no_process_behind_and_the_same_command_resumes(bootstrap,
     assert len(releases) == 1
     release = releases[0]
     assert release.volunteer == "vol" and release.steps == 150
-    assert release.resumed_from_step is not None and release.resumed_from_step >= pointer.step
+    # The same attempt (the claim was taken back). Resuming a checkpoint it had pushed continues the chain it kept on
+    # disk: the release resumed nothing of another attempt. A newer one the kill left unpushed is an inherited start,
+    # which the release names (client/training_chain.py).
+    resumed = int(log.split(f"resuming {pointer.unit} from step ", 1)[1].split()[0])
+    assert resumed >= pointer.step
+    own = f"resuming {pointer.unit} from step {resumed} (continuing its own checkpoint chain)" in log
+    assert release.resumed_from_step == (None if own else resumed), release
+    assert release.token.attempt == pointer.token.attempt  # its own claim, taken back
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to list a process's children")
