@@ -476,11 +476,40 @@ def plot(result: dict, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def plot_samplers(result: dict, path: Path) -> None:
+    """FID against expert calls per sample, one line per ODE solver (the sampler sweep)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for solver in dict.fromkeys(r["solver"] for r in result["samplers"]):
+        rows = [r for r in result["samplers"] if r["solver"] == solver]
+        ax.errorbar([r["expert_calls_per_sample"] for r in rows], [r["fid_mean"] for r in rows],
+                    yerr=[r["fid_std"] for r in rows], marker="o", capsize=3, label=solver)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("expert calls per sample")
+    metric = "FVD" if result["config"].get("video") else "FID"
+    ax.set_ylabel(f"{metric} (n={result['config']['n']})")
+    ax.set_title(f"samplers: the all-FM ensemble, {result['config']['routing']}")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_results(result: dict, out: Path, stem: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{stem}.json", json.loads(json.dumps(result, default=float)))
     atomic_write_bytes(out / f"{stem}.md", markdown(result).encode())
     plot(result, out / f"{stem}.png")
+    if result.get("samplers"):
+        plot_samplers(result, out / f"{stem}_samplers.png")
     return result
 
 

@@ -230,6 +230,7 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
     assert set(sweep) == {(s, n) for s in ("euler", "heun", "dpm++2m", "unipc") for n in (2, 4)}
     assert sweep[("heun", 4)]["expert_calls_per_sample"] == 7 and sweep[("dpm++2m", 4)]["expert_calls_per_sample"] == 4
     assert (tmp_path / "iso_flop_quick.png").stat().st_size > 1000
+    assert (tmp_path / "iso_flop_quick_samplers.png").stat().st_size > 1000
     assert "| monolith |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| heun | 4 | 7 |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith |" in proc.stdout
