@@ -446,15 +446,31 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def _new_figure():
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4))
+
+
+def _save_figure(fig, ax, path: Path) -> None:
+    """Legend, layout, and the PNG written atomically."""
     import io
 
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot(result: dict, path: Path) -> None:
+    fig, ax = _new_figure()
     # The monolith first and in the same colour in every plot (JSON round trips sort the keys).
     names = sorted(result["curve"], key=lambda name: (name != "monolith", name))
     for color, name in zip(("tab:blue", "tab:orange", "tab:green"), names, strict=False):
@@ -468,24 +484,12 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel(f"{metric} (n={result['config']['n']}, classifier features)")
     ax.set_yscale("log")
     ax.set_title(f"iso-FLOP: monolith vs {result['config']['experts']}-expert ensemble")
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_figure(fig, ax, path)
 
 
 def plot_samplers(result: dict, path: Path) -> None:
     """FID against expert calls per sample, one line per ODE solver (the sampler sweep)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _new_figure()
     for solver in dict.fromkeys(r["solver"] for r in result["samplers"]):
         rows = [r for r in result["samplers"] if r["solver"] == solver]
         ax.errorbar([r["expert_calls_per_sample"] for r in rows], [r["fid_mean"] for r in rows],
@@ -495,12 +499,7 @@ def plot_samplers(result: dict, path: Path) -> None:
     metric = "FVD" if result["config"].get("video") else "FID"
     ax.set_ylabel(f"{metric} (n={result['config']['n']})")
     ax.set_title(f"samplers: the all-FM ensemble, {result['config']['routing']}")
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_figure(fig, ax, path)
 
 
 def write_results(result: dict, out: Path, stem: str) -> dict:
