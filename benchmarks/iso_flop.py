@@ -122,6 +122,7 @@ class Trained:
         self.task, self.recipe, self.folder, self.device = task, recipe, folder, device
         self.flops = 0
         self.model: torch.nn.Module | None = None
+        self._profile: list[float] | None = None  # measured once per trained state (advance resets it)
 
     def advance(self, fraction: float) -> None:
         stop = max(1, round(self.recipe.steps * fraction))
@@ -134,9 +135,9 @@ class Trained:
 
     def profile(self) -> list[float] | None:
         """Velocity error by noise level on the held-out split (experts only; None for the router)."""
-        if getattr(self, "_profile", None) is None and hasattr(self.task, "velocity_errors"):
+        if self._profile is None and hasattr(self.task, "velocity_errors"):
             self._profile = self.task.velocity_errors(self.model, self.device)
-        return getattr(self, "_profile", None)
+        return self._profile
 
 
 def _shards(data, clusters: torch.Tensor, k: int) -> list:
