@@ -126,10 +126,8 @@ class CheckpointWitness:
                 f"training steps {result.start_step}-{result.end_step} on the shard do not land on its final "
                 f"checkpoint (relative error {result.relative_error:.3g}): not trained as the recipe says"
             )
-        verdict = "exact" if result.exact else f"relative error {result.relative_error:.2e}"
-        log.info(
-            "%s: final steps %d-%d of %s replayed (%s)", unit, result.start_step, result.end_step, holder, verdict
-        )
+        steps = f"{result.start_step}-{result.end_step}"
+        log.info("%s: final steps %s of %s replayed (%s)", unit, steps, holder, result.verdict)
         return None
 
     def forget(self, units) -> None:
@@ -180,7 +178,7 @@ class CheckpointWitness:
                     result.start_step,
                     result.end_step,
                     holder_key[1],
-                    "exact" if result.exact else f"relative error {result.relative_error:.2e}",
+                    result.verdict,
                 )
             kept = self.work / "verify" / "kept" / f"{unit}.isles"
             kept.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,11 @@ class ReplayResult:
     def exact(self) -> bool:
         return self.error == 0.0
 
+    @property
+    def verdict(self) -> str:
+        """'exact', or the relative error: how logs and `isles verify` describe a replay."""
+        return "exact" if self.exact else f"relative error {self.relative_error:.2e}"
+
 
 def replay_segment(
     task,

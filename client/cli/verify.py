@@ -67,8 +67,7 @@ def verify(
     if as_json:
         output.print_json(summary)
     else:
-        verdict = "exact" if result.exact else f"relative error {result.relative_error:.2e}"
-        output.stdout.print(f"{unit}: steps {result.start_step} -> {result.end_step}: {verdict}", markup=False)
+        output.stdout.print(f"{unit}: steps {result.start_step} -> {result.end_step}: {result.verdict}", markup=False)
     if not result.ok:
         raise IslesError(
             f"{end.name} is not what training {unit} from {start.name if start else 'step 0'} on its shard gives "
