@@ -133,7 +133,11 @@ class Volunteer:
                     hint=f"pass --checkpoint-period {m.progress_timeout / 5:g} (others would take the unit otherwise)",
                 )
             settings = LeaseSettings(c.lease_ttl, c.heartbeat_period, c.settle_period, m.progress_timeout)
-            self.leases = LeaseManager(self.swarm, m.run_id, settings, hardware=self.machine.hardware)
+            # No work folder for this run: no claim of ours from an earlier start to renew (see LeaseManager).
+            new_to_run = not self.work.exists()
+            self.leases = LeaseManager(
+                self.swarm, m.run_id, settings, hardware=self.machine.hardware, new_to_run=new_to_run
+            )
             self.display.event(f"joined run {m.run_id} ({m.name}: {len(m.units)} units) as {self.name}")
             presence = threading.Thread(target=self._presence_loop, name="presence", daemon=True)
             presence.start()

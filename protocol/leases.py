@@ -4,7 +4,13 @@ A unit belongs to the earliest live claim (by claimed time, then peer id), where
 reader saw it, give or take `backdate_grace`; a claim whose holder shows no progress (checkpoint pointers of its own,
 advancing) for `progress_timeout` counts for nothing. The owner renews from a heartbeat thread; a peer that stops
 renewing loses the unit after `ttl_period`. The DHT gives no compare-and-swap, so two owners are possible in rare
-splits: results carry the lease's fencing token.
+splits: a lease reads the unit once more a settle period after it was taken (a racer whose write took longer than the
+settle period shows up then), and results carry the lease's fencing token.
+
+The way to a lease is kept short (benchmarks/claims.py): the settle period counts from when the claim was dated, a
+peer new to the run writes its first claim while it reads the unit, a claimant gives up as soon as a claim that beats
+its own shows up, and losers look up every unit's claims at once and spread over the free units by a matching that
+every racer computes alike.
 
     manager = LeaseManager(swarm, run_id, LeaseSettings())
     lease = manager.acquire(manifest.units)        # None: every unit is owned by someone else
@@ -18,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .record_base import MAX_ATTEMPT
@@ -30,13 +37,16 @@ logger = logging.getLogger(__name__)
 # future, so one peer cannot hold a unit for years with a single write.
 MAX_TTL_PERIOD = 3600.0
 MIN_SETTLE_POLL = 0.25  # while settling, look for a claim that beats ours at most this often (seconds)
+# A peer whose claim or withdrawal is this many settle periods old still counts as racing for a unit.
+CONTENDER_WINDOW_SETTLES = 4
+READ_ESTIMATE_WEIGHT = 0.3  # how much the newest read's duration moves the estimate of the next one
 
 
 @dataclass(frozen=True)
 class LeaseSettings:
     ttl_period: float = 60.0  # a claim not renewed for this long is dead; its unit is open again
     heartbeat_period: float = 15.0  # renew this often (well under the TTL, so a slow renewal is not fatal)
-    settle_period: float = 3.0  # after writing a claim, wait this long for racing claims to land, then re-read
+    settle_period: float = 3.0  # after dating a claim (then writing it), wait this long for racers' claims to land
     # A holder must show progress (a new, verified checkpoint) this often, counted from when a reader first saw its
     # claim or its last progress, or others may take the unit. Volunteers take the run manifest's.
     progress_timeout: float = 900.0
@@ -110,6 +120,11 @@ def _place(entry: Signed, settings: LeaseSettings) -> tuple:
     return (claimed_time_of(entry, settings.backdate_grace), entry.record.claimed_time, entry.record.peer_id)
 
 
+def _place_of(claim: Claim) -> tuple:
+    """Our own claim's place in line (we saw it when we wrote it)."""
+    return (claim.claimed_time, claim.claimed_time, claim.peer_id)
+
+
 def stalled_claims(entries: list[Signed], now: float, progress: dict, progress_timeout: float) -> list[Signed]:
     """Live claims whose holders showed no progress in time: what `isles status` and the aggregator report."""
     return [
@@ -146,6 +161,7 @@ class Lease:
         self._claim, self._expiration_time = claim, expiration_time
         self._lock = threading.Lock()
         self.lost = threading.Event()  # another peer's earlier claim showed up: stop, our work is a duplicate
+        self.confirmed = threading.Event()  # set after the read one settle period in (then `lost` tells the outcome)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.unit}", daemon=True)
         self._thread.start()
@@ -180,27 +196,43 @@ class Lease:
             logger.warning("renewing the claim on %s was not accepted by any peer; retrying", self.unit)
             return False
         self._expiration_time = expiration
+        self.confirm()
+        return True
+
+    def confirm(self) -> bool:
+        """Read the unit's claims: still ours? Sets `lost` when an earlier claim shows up (e.g. a racer whose write
+        was still travelling when we settled). Lost only when our claim is visible and an earlier one beats it: a
+        claim missing from one read is a glitch."""
         entries = self.manager.swarm.get_claims(self.run_id, self.unit)
         mine = self.manager.swarm.subkey()
         owner = self.manager.owner_entry(self.unit, entries, exempt=mine)
-        # Lost only when our claim is visible and an earlier one beats it: a claim missing from one read is a glitch.
         if owner is not None and owner.subkey != mine and any(e.subkey == mine for e in entries):
             logger.warning("lost %s to %s (an earlier claim appeared)", self.unit, owner.record.peer_id)
             self.lost.set()
-        return True
+        return not self.lost.is_set()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.manager.settings.heartbeat_period):
-            try:
-                self.renew()
-            except Exception as exc:  # the DHT went away (shutdown, crash): stop renewing, the lease will expire
-                if self._stop.is_set():
-                    return
-                logger.warning("lease heartbeat for %s failed: %s", self.unit, exc)
-                if isinstance(exc, (OSError, EOFError, BrokenPipeError)):
-                    return
-            if self.lost.is_set():
+        settings = self.manager.settings
+        # One more read a settle period after taking the lease: a racer's write slower than the settle period (a
+        # burst of peers on a busy network) is seen then, within seconds of training, not a heartbeat later.
+        if not self._stop.wait(min(settings.settle_period, settings.heartbeat_period)):
+            self._beat(self.confirm)
+        self.confirmed.set()
+        while not self.lost.is_set() and not self._stop.wait(settings.heartbeat_period):
+            if not self._beat(self.renew):
                 return
+
+    def _beat(self, action) -> bool:
+        """Run one heartbeat action; False when the DHT went away (stop beating: the lease will expire)."""
+        try:
+            action()
+        except Exception as exc:  # the DHT went away (shutdown, crash): stop renewing, the lease will expire
+            if self._stop.is_set():
+                return False
+            logger.warning("lease heartbeat for %s failed: %s", self.unit, exc)
+            if isinstance(exc, (OSError, EOFError, BrokenPipeError)):
+                return False
+        return True
 
     def withdraw(self) -> None:
         """Give the unit back now (before the TTL), e.g. after publishing its release or on a clean exit."""
@@ -222,11 +254,23 @@ class Lease:
 class LeaseManager:
     """Claims units of one run for this peer. One manager per (peer, run); thread-safe for one claimer at a time."""
 
-    def __init__(self, swarm: Swarm, run_id: str, settings: LeaseSettings = LeaseSettings(), hardware: str = ""):
+    def __init__(
+        self,
+        swarm: Swarm,
+        run_id: str,
+        settings: LeaseSettings = LeaseSettings(),
+        hardware: str = "",
+        new_to_run: bool = False,
+    ):
+        """`new_to_run`: this peer cannot hold a claim in the run from before (a first start, not a restart), so its
+        first claim is written at once and the unit's claims are read while the write travels (one read fewer on
+        the way to a lease). A restarted peer reads first, to renew its old claim and keep its place in line."""
         self.swarm, self.run_id, self.settings, self.hardware = swarm, run_id, settings, hardware
         self.leases: list[Lease] = []
         self._closed = threading.Event()
         self._written: dict[str, float] = {}  # unit -> expiration of our newest claim record (a store must outlive it)
+        self._write_first = new_to_run  # only for the first claim: a peer that read nothing yet would write blindly
+        self._read_s = 0.0  # how long a read of a unit's claims takes now (an estimate, from this manager's reads)
 
     def choose_units(self, units: Iterable[str]) -> list[str]:
         return rendezvous_rank(units, self.swarm.peer_id)
@@ -246,58 +290,142 @@ class LeaseManager:
         return owner_of(entries, now, self.settings.backdate_grace, progress, timeout)
 
     def acquire(self, units: Iterable[str]) -> Lease | None:
-        """Try units in this peer's rendezvous order; the first one won, or None if all are owned by others."""
-        for unit in self.choose_units(units):
-            if self._closed.is_set():
+        """Claim one of `units`: the first won, or None if all are owned by others.
+
+        A peer new to the run writes its first claim at once, on its first unit in rendezvous order (which spreads
+        racing peers). Otherwise, and after each lost race, it looks up every unit's claims in one go and claims a
+        free unit: first the one that a matching of racing peers to free units, which every racer computes alike,
+        gives it, so that peers that lost a race together rarely collide again."""
+        units = list(units)
+        tried: set[str] = set()
+        if self._write_first and units:
+            first = self.choose_units(units)[0]
+            tried.add(first)
+            if (lease := self.claim(first)) is not None:
+                return lease
+        while not self._closed.is_set():
+            view = self.swarm.scan_claims(self.run_id, units)  # a hint: `_claim` settles and reads in full
+            order = [unit for unit in self._claim_order(view) if unit not in tried]
+            if not order:
                 return None
-            lease = self.claim(unit)
-            if lease is not None:
+            tried.add(order[0])
+            if (lease := self._claim(order[0], view[order[0]])) is not None:
                 return lease
         return None
 
+    def _claim_order(self, view: dict[str, list[Signed]]) -> list[str]:
+        """Units to try, given every unit's claims: one we already own (from before a restart), then the free unit
+        this peer is matched to, then the other free ones in rendezvous order; units others own are left out."""
+        mine, now = self.swarm.subkey(), dht_time()
+        owners = {unit: self.owner_entry(unit, entries) for unit, entries in view.items()}
+        ours = [unit for unit, owner in owners.items() if owner is not None and owner.subkey == mine]
+        free = [unit for unit, owner in owners.items() if owner is None]
+        # Racing: peers with a claim or a withdrawal of the last few settle periods that own no unit (losers of a
+        # race withdraw at once, so a withdrawal counts too). Everyone who reads the same claims gets the same list.
+        recent = now - CONTENDER_WINDOW_SETTLES * max(self.settings.settle_period, MIN_SETTLE_POLL)
+        owning = {owner.peer_id for owner in owners.values() if owner is not None}
+        racing = {e.peer_id for entries in view.values() for e in entries if e.record.heartbeat_time >= recent}
+        racing = sorted((racing - owning) | {self.swarm.peer_id})
+        shared = sorted(free, key=lambda unit: hashlib.sha256(f"{self.run_id}/{unit}".encode()).digest())
+        matched = [shared[racing.index(self.swarm.peer_id) % len(shared)]] if shared else []
+        return ours + matched + [unit for unit in self.choose_units(free) if unit not in matched]
+
     def claim(self, unit: str) -> Lease | None:
         """Claim `unit`: write, settle, re-read; a Lease if we are the owner, else None (our claim is withdrawn)."""
-        return self._claim(unit, self.swarm.get_claims(self.run_id, unit))
+        if self._write_first:
+            self._write_first = False
+            return self._claim_writing_first(unit)
+        return self._claim(unit, self._read_claims(unit))
+
+    def _read_claims(self, unit: str) -> list[Signed]:
+        began = time.monotonic()
+        entries = self.swarm.get_claims(self.run_id, unit)
+        took, weight = time.monotonic() - began, READ_ESTIMATE_WEIGHT if self._read_s else 1.0
+        self._read_s += weight * (took - self._read_s)
+        return entries
 
     def _claim(self, unit: str, entries: list[Signed]) -> Lease | None:
         mine = self.swarm.subkey()
-        now = dht_time()
         owner = self.owner_entry(unit, entries)
         if owner is not None and owner.subkey != mine:
             return None  # taken: an earlier live claim would beat ours anyway
         if owner is not None:  # our own claim from before a restart: renew it, keeping its place in line
-            claimed_time, attempt = owner.record.claimed_time, owner.record.attempt
+            claim = self._new_claim(unit, owner.record.claimed_time, owner.record.attempt)
         else:
-            claimed_time, attempt = now, self._next_attempt(unit, entries)
-        claim = Claim(
+            claim = self._new_claim(unit, attempt=self._next_attempt(unit, entries))
+        # Racing claims dated before ours were being written when ours was dated: the settle period counts from then.
+        settled = time.monotonic() + self.settings.settle_period
+        expiration = self._expiration(unit, entries)
+        if not self.swarm.put_claim(claim, expiration):
+            return None
+        self._written[unit] = expiration
+        return self._settle_and_take(claim, expiration, settled, renewed=owner is not None)
+
+    def _claim_writing_first(self, unit: str) -> Lease | None:
+        """A peer new to the run: write the claim and read the unit's claims at the same time, then do what `_claim`
+        does with what the read found (give up to an earlier owner, take a later attempt number)."""
+        mine = self.swarm.subkey()
+        claim = self._new_claim(unit, attempt=1)
+        settled = time.monotonic() + self.settings.settle_period
+        expiration = self._expiration(unit, [])
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{unit}") as reader:
+            read = reader.submit(self._read_claims, unit)
+            stored = self.swarm.put_claim(claim, expiration)
+            entries = read.result()
+        if not stored:
+            return None
+        self._written[unit] = expiration
+        others = [e for e in entries if e.subkey != mine]
+        owner = self.owner_entry(unit, others)
+        if owner is not None and _place(owner, self.settings) < _place_of(claim):
+            logger.debug("%s is owned by %s; withdrawing the claim written before reading", unit, owner.peer_id)
+            self._withdraw_in_background(claim, expiration)
+            return None
+        attempt = self._next_attempt(unit, others)
+        if attempt > claim.attempt:  # an earlier holder's attempt lapsed: ours is the next, in the same place in line
+            claim, expiration = self._rewrite(claim, attempt, expiration)
+        return self._settle_and_take(claim, expiration, settled)
+
+    def _new_claim(self, unit: str, claimed_time: float | None = None, attempt: int = 1) -> Claim:
+        now = dht_time()
+        return Claim(
             run_id=self.run_id,
             unit=unit,
             peer_id=self.swarm.peer_id,
             attempt=attempt,
-            claimed_time=claimed_time,
+            claimed_time=now if claimed_time is None else claimed_time,
             heartbeat_time=now,
             hardware=self.hardware,
         )
-        # A store wins only with a later expiration: outlive our own earlier record (e.g. a fresh withdrawal).
+
+    def _expiration(self, unit: str, entries: list[Signed]) -> float:
+        """A store wins only with a later expiration: outlive our own earlier record (e.g. a fresh withdrawal)."""
+        mine = self.swarm.subkey()
         previous = [e.expiration_time for e in entries if e.subkey == mine] + [self._written.get(unit, 0.0)]
-        expiration = max([now + self.settings.ttl_period, *(t + 0.001 for t in previous)])
-        if not self.swarm.put_claim(claim, expiration):
+        return max([dht_time() + self.settings.ttl_period, *(t + 0.001 for t in previous)])
+
+    def _settle_and_take(self, claim: Claim, expiration: float, settled: float, renewed: bool = False) -> Lease | None:
+        """Settle until `settled` (monotonic), then read again: a Lease if our claim is still the earliest.
+
+        A new claim (not one `renewed` after a restart) also looks, while it settles, for checkpoints of its attempt
+        number or a later one: an old attempt's checkpoints would make ours a repeat."""
+        unit, mine = claim.unit, self.swarm.subkey()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoints-{unit}") as pool:
+            past = None if renewed else pool.submit(self._past_checkpoints, claim, expiration)
+            won = self._settle(claim, settled)
+            if past is not None:
+                claim, expiration = past.result()
+        if not won:
+            self._withdraw_in_background(claim, expiration)
             return None
-        self._written[unit] = expiration
-        settled = time.monotonic() + self.settings.settle_period
-        if owner is None:  # while racing claims land: does an old attempt's checkpoint make ours a repeat?
-            claim, expiration = self._past_checkpoints(claim, expiration)
-        if not self._settle(claim, settled):
-            self._withdraw(claim, expiration)
-            return None
-        owner = self.owner_entry(unit, self.swarm.get_claims(self.run_id, unit), exempt=mine)
+        owner = self.owner_entry(unit, self._read_claims(unit), exempt=mine)
         if owner is None or owner.subkey != mine:
             logger.debug("lost the race for %s to %s", unit, owner.record.peer_id if owner else "nobody")
-            self._withdraw(claim, expiration)
+            self._withdraw_in_background(claim, expiration)
             return None
         lease = Lease(self, claim, expiration)
         self.leases.append(lease)
-        logger.info("claimed %s (attempt %d)", unit, attempt)
+        logger.info("claimed %s (attempt %d)", unit, claim.attempt)
         return lease
 
     def _settle(self, claim: Claim, until: float) -> bool:
@@ -305,44 +433,64 @@ class LeaseManager:
         (losing is certain then: the earliest claim never gives way to a later one, so the unit stays owned) or the
         manager closes. Racers that lose learn it a read after the winner's claim lands, not a settle period later."""
         period = max(MIN_SETTLE_POLL, self.settings.settle_period / 4)
-        ours = (claim.claimed_time, claim.claimed_time, claim.peer_id)
-        while (left := until - time.monotonic()) > 0:
-            if self._closed.wait(min(period, left)):
-                return False
-            if until - time.monotonic() <= 0:
-                return True
-            entries = self.swarm.get_claims(self.run_id, claim.unit)
+        ours = _place_of(claim)
+        while until - time.monotonic() > self._read_s:  # a read started later would end after the settle period
+            polled = time.monotonic()
+            entries = self._read_claims(claim.unit)
             owner = self.owner_entry(claim.unit, entries, exempt=self.swarm.subkey())
             if owner is not None and owner.peer_id != claim.peer_id and _place(owner, self.settings) < ours:
                 logger.debug("lost the race for %s to %s while settling", claim.unit, owner.record.peer_id)
                 return False
-        return not self._closed.is_set()
+            if self._closed.wait(max(0.0, min(polled + period, until) - time.monotonic())):
+                return False
+        return not self._closed.wait(max(0.0, until - time.monotonic()))
 
     def _next_attempt(self, unit: str, entries: list[Signed]) -> int:
         return min(max((e.record.attempt for e in entries), default=0) + 1, MAX_ATTEMPT)
 
     def _past_checkpoints(self, claim: Claim, expiration: float) -> tuple[Claim, float]:
         """Checkpoints outlive claims: if one carries our attempt or a later one, claim again with the next attempt
-        (same claimed time, so the same place in line). Read during the settle period, so it costs no time."""
+        (same claimed time, so the same place in line)."""
         tokens = [e.record.token.attempt for e in self.swarm.get_checkpoints(self.run_id, claim.unit)]
         if max(tokens, default=0) < claim.attempt:
             return claim, expiration
-        renewed = claim.copy(update=dict(attempt=min(max(tokens) + 1, MAX_ATTEMPT)))
+        return self._rewrite(claim, min(max(tokens) + 1, MAX_ATTEMPT), expiration)
+
+    def _rewrite(self, claim: Claim, attempt: int, expiration: float) -> tuple[Claim, float]:
+        """Write our claim again with a later attempt (same claimed time: the same place in line); the claim in force
+        and the expiration a later store must outlive."""
+        renewed = claim.copy(update=dict(attempt=attempt))
         expiration += 0.001
         if self.swarm.put_claim(renewed, expiration):
             self._written[claim.unit] = expiration
             return renewed, expiration
         return claim, expiration
 
+    def _withdraw_in_background(self, claim: Claim, expiration_time: float) -> None:
+        """A lost race: the tombstone need not land before this peer tries its next unit (another key)."""
+        threading.Thread(
+            target=self._store_tombstone,
+            args=self._tombstone(claim, expiration_time),
+            name=f"withdraw-{claim.unit}",
+            daemon=True,
+        ).start()
+
     def _withdraw(self, claim: Claim, expiration_time: float) -> None:
+        self._store_tombstone(*self._tombstone(claim, expiration_time))
+
+    def _tombstone(self, claim: Claim, expiration_time: float) -> tuple[Claim, float]:
+        """The withdrawn claim and its expiration, already counted as written (a later claim must outlive it)."""
         # A store only wins with a later expiration than the stored one, so the tombstone outlives the claim a bit.
         withdrawn = claim.copy(update=dict(state="withdrawn", heartbeat_time=dht_time()))
         expiration = max(expiration_time, dht_time()) + 1.0
         self._written[claim.unit] = max(self._written.get(claim.unit, 0.0), expiration)
+        return withdrawn, expiration
+
+    def _store_tombstone(self, withdrawn: Claim, expiration: float) -> None:
         try:
             self.swarm.put_claim(withdrawn, expiration)
         except Exception as exc:  # the DHT is gone: the claim will expire on its own
-            logger.debug("could not withdraw %s: %s", claim.unit, exc)
+            logger.debug("could not withdraw %s: %s", withdrawn.unit, exc)
 
     def _forget(self, lease: Lease) -> None:
         if lease in self.leases:

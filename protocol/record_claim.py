@@ -62,7 +62,21 @@ def put_claim(swarm: Swarm, claim: Claim, expiration_time: float) -> bool:
 
 
 def get_claims(swarm: Swarm, run_id: str, unit: str) -> list[Signed]:
+    return _of_unit(swarm._get_entries(claims_key(run_id, unit), Claim, max_period=_max_period()), run_id, unit)
+
+
+def scan_claims(swarm: Swarm, run_id: str, units: list[str]) -> dict[str, list[Signed]]:
+    """Every unit's claims, looked up together (`Swarm._scan_entries`): a hint of which units are free."""
+    keys = {unit: claims_key(run_id, unit) for unit in units}
+    found = swarm._scan_entries(list(keys.values()), Claim, max_period=_max_period())
+    return {unit: _of_unit(found[key], run_id, unit) for unit, key in keys.items()}
+
+
+def _of_unit(entries: list[Signed], run_id: str, unit: str) -> list[Signed]:
+    return [e for e in entries if e.record.run_id == run_id and e.record.unit == unit]
+
+
+def _max_period() -> float:
     from .leases import MAX_TTL_PERIOD
 
-    entries = swarm._get_entries(claims_key(run_id, unit), Claim, max_period=MAX_TTL_PERIOD + 60.0)
-    return [e for e in entries if e.record.run_id == run_id and e.record.unit == unit]
+    return MAX_TTL_PERIOD + 60.0

@@ -34,6 +34,7 @@ R = TypeVar("R", bound=Record)
 MANIFEST_PERIOD = 3600.0  # manifests and index entries live this long unless re-announced (the bootstrap node does)
 MAX_CLOCK_SKEW = 3.0  # hivemind's MAX_DHT_TIME_DISCREPANCY_SECONDS
 MAX_ENTRIES = 256  # subkeys read per key: a key flooded by many signers is cut here, honest records first in line
+MAX_KEYS_PER_SCAN = 64  # keys looked up in one DHT traversal (a run's units, when a peer looks for one to claim)
 MAX_OBSERVED = 100_000  # first-seen times remembered (oldest forgotten first)
 
 
@@ -94,7 +95,19 @@ class Swarm:
         """Every well-formed, unexpired entry of `key` whose signer is every peer it names, parsed as `model`.
 
         An expiration further ahead than `max_period` (plus clock skew) is a writer squatting: dropped."""
-        found = self.node.get(key, latest=True)
+        return self._entries(key, self.node.get(key, latest=True), model, max_period)
+
+    def _scan_entries(
+        self, keys_: list[str], model: type[R], max_period: float = DURABLE_PERIOD
+    ) -> dict[str, list[Signed]]:
+        """`_get_entries` of several keys, from a scan (`DHTNode.scan`, `MAX_KEYS_PER_SCAN` keys at a time): cheaper
+        than a read per key and possibly missing the newest records, so a hint for choices a full read confirms."""
+        found: dict[str, Any] = {}
+        for start in range(0, len(keys_), MAX_KEYS_PER_SCAN):
+            found.update(self.node.scan(keys_[start : start + MAX_KEYS_PER_SCAN]))
+        return {key: self._entries(key, found.get(key), model, max_period) for key in keys_}
+
+    def _entries(self, key: str, found: Any, model: type[R], max_period: float) -> list[Signed]:
         if found is None or not isinstance(found.value, dict):
             return []
         now = dht_time()
@@ -169,6 +182,9 @@ class Swarm:
 
     def get_claims(self, run_id: str, unit: str) -> list[Signed]:
         return record_claim.get_claims(self, run_id, unit)
+
+    def scan_claims(self, run_id: str, units: list[str]) -> dict[str, list[Signed]]:
+        return record_claim.scan_claims(self, run_id, units)
 
     def put_checkpoint(self, pointer: CheckpointPointer, expiration_period: float = DURABLE_PERIOD) -> bool:
         return record_checkpoint.put_checkpoint(self, pointer, expiration_period)

@@ -85,8 +85,14 @@ def test_twelve_peers_race_for_four_shards(swarms):
                 owner = LeaseManager(swarm, manifest.run_id, FAST).owner(shard)
                 holder = next(lease for lease in won if lease.unit == shard)
                 assert owner is not None and owner.peer_id == holder.claim.peer_id
-                live = [e for e in swarm.get_claims(manifest.run_id, shard) if e.record.state == "claimed"]
-                assert len(live) == 1
+                # Losers withdraw in the background, while they try their next unit.
+                wait_for(
+                    lambda s=swarm, u=shard: (
+                        len([e for e in s.get_claims(manifest.run_id, u) if e.record.state == "claimed"]) == 1
+                    ),
+                    timeout=20,
+                    message=f"the losers' withdrawals on {shard}",
+                )
         # The losers moved on and found nothing left: a new claim on an owned shard fails at once.
         loser = managers[leases.index(None)]
         assert loser.acquire(shards) is None
@@ -106,6 +112,97 @@ def test_twelve_peers_race_for_four_shards(swarms):
             manager.close()
     view = read_run(swarms[1], manifest.run_id)
     assert all(u.state == "open" for u in view.units)  # withdrawn leases free their units at once
+
+
+def claim_of(swarm: Swarm, run_id: str, unit: str, attempt: int = 1, state: str = "claimed", age: float = 0.0):
+    """Write a claim of `swarm`'s peer directly (a racer's, or an old attempt's), dated `age` seconds ago."""
+    now = dht_time()
+    claim = Claim(
+        run_id=run_id,
+        unit=unit,
+        peer_id=swarm.peer_id,
+        attempt=attempt,
+        state=state,
+        claimed_time=now - age,
+        heartbeat_time=now,
+    )
+    assert swarm.put_claim(claim, now + 60)
+    return claim
+
+
+def test_a_peer_new_to_the_run_writes_first_and_still_gives_way_to_an_owner(swarms):
+    """A newcomer writes its first claim before reading (one DHT round trip fewer); on an owned unit that claim is
+    withdrawn again, and on a free unit it takes the attempt after the last one seen."""
+    a, b, c = swarms
+    manifest = make_manifest(num_shards=3)
+    owner = LeaseManager(c, manifest.run_id, FAST).claim("expert-0")
+    assert owner is not None
+    newcomer = LeaseManager(a, manifest.run_id, FAST, new_to_run=True)
+    try:
+        assert newcomer.claim("expert-0") is None
+
+        def newcomer_withdrew():
+            mine = [e for e in b.get_claims(manifest.run_id, "expert-0") if e.peer_id == a.peer_id]
+            return bool(mine) and all(e.record.state == "withdrawn" for e in mine)
+
+        wait_for(newcomer_withdrew, timeout=20, message="the newcomer's withdrawal")
+        assert LeaseManager(b, manifest.run_id, FAST).owner("expert-0").peer_id == c.peer_id
+
+        claim_of(b, manifest.run_id, "expert-1", attempt=3, state="withdrawn", age=30)  # an old holder gave up
+        again = LeaseManager(a, manifest.run_id, FAST, new_to_run=True)
+        lease = again.claim("expert-1")
+        assert lease is not None and lease.fencing_token.attempt == 4
+        again.close()
+    finally:
+        owner.withdraw()
+        newcomer.close()
+
+
+def test_peers_that_lost_a_race_together_are_matched_to_different_free_units(swarms):
+    a, b, c = swarms
+    manifest = make_manifest(num_shards=6)
+    units = manifest.units[:6]
+    claim_of(c, manifest.run_id, units[0], age=1.0)  # the winner
+    for loser in (a, b):
+        claim_of(loser, manifest.run_id, units[0])
+    managers = {s.peer_id: LeaseManager(s, manifest.run_id, FAST) for s in (a, b)}
+
+    def first_choices():
+        views = {p: m.swarm.scan_claims(manifest.run_id, units) for p, m in managers.items()}
+        return {p: managers[p]._claim_order(view)[0] for p, view in views.items()}
+
+    choices = wait_for(
+        lambda: (found := first_choices()) and len(set(found.values())) == 2 and found,
+        timeout=20,
+        message="both losers' claims to show up in each other's view",
+    )
+    assert units[0] not in choices.values()  # the owned unit is not tried again
+    for loser in (a, b):  # losers withdraw at once: the matching still tells them apart
+        claim_of(loser, manifest.run_id, units[0], state="withdrawn")
+    assert len(set(first_choices().values())) == 2
+
+
+def test_a_racer_slower_than_the_settle_period_is_caught_by_the_confirming_read(swarms):
+    """A claim dated before ours that lands only after we settled takes the unit back a settle period later, long
+    before the next heartbeat."""
+    a, b, _ = swarms
+    manifest = make_manifest()
+    settings = LeaseSettings(ttl_period=120.0, heartbeat_period=60.0, settle_period=2.0)
+    lease = LeaseManager(a, manifest.run_id, settings).claim("expert-0")
+    assert lease is not None and not lease.lost.is_set()
+    late = Claim(
+        run_id=manifest.run_id,
+        unit="expert-0",
+        peer_id=b.peer_id,
+        claimed_time=lease.claim.claimed_time - 0.5,
+        heartbeat_time=dht_time(),
+    )
+    assert b.put_claim(late, dht_time() + 60)
+    try:
+        assert lease.confirmed.wait(timeout=30)
+        assert lease.lost.is_set()
+    finally:
+        lease.withdraw()
 
 
 def test_vanished_peer_loses_its_shard_after_the_ttl(swarms):
