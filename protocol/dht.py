@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pydantic.v1 as pydantic
 
-from . import keys
+from . import keys, record_manifest
 from .errors import IslesError
 from .identity import Identity, ephemeral_identity, load_identity
+from .record_manifest import RunManifest
 from .record_types import RUN_RECORDS
-from .records import RunIndexEntry, RunManifest
 
 logger = logging.getLogger(__name__)
 DEFAULT_PORT = 31337
@@ -60,13 +60,6 @@ def parse_multiaddr(text: str, need_peer_id: bool = True) -> str:
     return str(maddr)
 
 
-class _IndexSchema(pydantic.BaseModel):
-    runs: dict[pydantic.StrictStr, RunIndexEntry]  # subkey: run id
-
-    class Config:  # its own Config: SchemaValidator sets `extra = forbid` on it
-        extra = pydantic.Extra.forbid
-
-
 def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]:
     """A pydantic model whose fields are the run's key names (hivemind's SchemaValidator maps key -> field)."""
     from hivemind.dht.schema import BytesWithPublicKey
@@ -74,9 +67,7 @@ def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]
     def signed(record: type) -> object:
         return dict[BytesWithPublicKey, record] | None
 
-    annotations: dict[str, object] = {
-        keys.MANIFEST: dict[pydantic.StrictStr, RunManifest] | None,  # subkey: the run id (values cannot be dicts)
-    }
+    annotations, validators = record_manifest.schema_fields(run_id)
     for kind in RUN_RECORDS:  # the record types (protocol/record_types.py), each subkey signed by its writer
         if not kind.per_unit:
             annotations[kind.field_name()] = signed(kind.model)
@@ -85,16 +76,10 @@ def _run_schema(run_id: str, units: tuple[str, ...]) -> type[pydantic.BaseModel]
             if kind.per_unit:
                 annotations[kind.field_name(unit)] = signed(kind.model)
 
-    def check_manifest(cls, value):  # a valid manifest of another run must not sit under this run's key
-        for subkey, manifest in (value or {}).items():
-            if subkey != run_id or manifest.run_id != run_id:
-                raise ValueError(f"manifest of run {manifest.run_id} stored under run {run_id}")
-        return value
-
     namespace = {
         "__annotations__": annotations,
         "Config": type("Config", (), {"extra": pydantic.Extra.forbid}),
-        "_check_manifest": pydantic.validator(keys.MANIFEST, allow_reuse=True)(check_manifest),
+        **validators,
         **{name: None for name in annotations},
     }
     return type(f"IslesRun_{run_id}", (pydantic.BaseModel,), namespace)
@@ -214,7 +199,7 @@ def open_dht(config: DHTConfig) -> DHTNode:
     _quiet_hivemind_logs()
     identity = load_identity(config.identity_dir) if config.identity_dir is not None else ephemeral_identity()
     validators = [
-        SchemaValidator(_IndexSchema, allow_extra_keys=True, prefix=keys.PREFIX),
+        SchemaValidator(record_manifest.IndexSchema, allow_extra_keys=True, prefix=keys.PREFIX),
         RSASignatureValidator(identity.private_key),
     ]
     kwargs = dict(

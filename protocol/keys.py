@@ -1,7 +1,8 @@
 """The DHT key names of isles: the only place that spells raw key strings (everything else calls these builders).
 
-A run's keys all start with `isles_<run_id>_`, then a field name of the run's schema (protocol/dht.py): `manifest`
-here, and each record type's field, declared with its schema in its module (protocol/record_types.py lists them).
+A run's keys all start with `isles_<run_id>_`, then a field name of the run's schema (protocol/dht.py): each record
+type's field, declared with its schema in its module (protocol/record_types.py lists them; the manifest's is
+protocol/record_manifest.py, which also holds the runs index key).
 Subkeys that belong to one peer hold its `[owner:<public key>]`, so only it can write.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 from importlib import import_module
 
 PREFIX = "isles"
-RUNS_INDEX = f"{PREFIX}_runs"  # one subkey per run id: RunIndexEntry
-MANIFEST = "manifest"  # the run's schema field of its manifest (one subkey: the run id)
 
 
 def run_prefix(run_id: str) -> str:
@@ -27,10 +26,6 @@ def run_key(run_id: str, field: str, unit: str | None = None) -> str:
     return f"{run_prefix(run_id)}_{run_field(field, unit)}"
 
 
-def manifest_key(run_id: str) -> str:
-    return run_key(run_id, MANIFEST)
-
-
 def owner_subkey(public_key: bytes, suffix: str = "") -> bytes:
     """A subkey only the holder of `public_key` (already in `[owner:...]` form) can write; `suffix` tells apart
     several records of one owner under one key (e.g. one rejection per release)."""
@@ -39,6 +34,9 @@ def owner_subkey(public_key: bytes, suffix: str = "") -> bytes:
 
 # Each record type's key builder lives in its module; these older names still reach them (`keys.claims_key`).
 _MOVED = {
+    "MANIFEST": "record_manifest",
+    "RUNS_INDEX": "record_manifest",
+    "manifest_key": "record_manifest",
     "claims_key": "record_claim",
     "checkpoints_key": "record_checkpoint",
     "releases_key": "record_release",

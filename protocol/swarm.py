@@ -1,5 +1,5 @@
-"""Read and write a run's records in the DHT: manifests and the runs index here, and every record type through its
-own module (claims, checkpoint pointers, releases, presence, ensembles, rejections, verified checkpoints). Writes are
+"""Read and write a run's records in the DHT, every record type through its own module (the manifest and runs index,
+claims, checkpoint pointers, releases, presence, ensembles, rejections, verified checkpoints). Writes are
 signed with our identity; readers keep only records of the right shape whose signer may write them (the peer ids a
 record names are its signer's; ensembles and rejections come from the run's aggregators), and order them by when this
 reader first saw them, never by the times they state.
@@ -15,23 +15,32 @@ import threading
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import keys, record_checkpoint, record_claim, record_ensemble, record_presence, record_rejection, record_release
+from . import (
+    keys,
+    record_checkpoint,
+    record_claim,
+    record_ensemble,
+    record_manifest,
+    record_presence,
+    record_rejection,
+    record_release,
+)
 from .dht import DHTNode
 from .identity import peer_id_of, signer_of
 from .record_base import DURABLE_PERIOD, Record, dht_time, first_seen_identity, parse_record
 from .record_checkpoint import CheckpointPointer
 from .record_claim import Claim
 from .record_ensemble import Ensemble
+from .record_manifest import MANIFEST_PERIOD as MANIFEST_PERIOD
+from .record_manifest import RunIndexEntry, RunManifest
+from .record_manifest import recipe_steps as recipe_steps
 from .record_presence import PeerPresence
 from .record_rejection import Rejection
 from .record_release import Release
-from .records import RunIndexEntry, RunManifest
-from .records import recipe_steps as recipe_steps
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
 
-MANIFEST_PERIOD = 3600.0  # manifests and index entries live this long unless re-announced (the bootstrap node does)
 MAX_CLOCK_SKEW = 3.0  # hivemind's MAX_DHT_TIME_DISCREPANCY_SECONDS
 MAX_ENTRIES = 256  # subkeys read per key: a key flooded by many signers is cut here, honest records first in line
 MAX_KEYS_PER_SCAN = 64  # keys looked up in one DHT traversal (a run's units, when a peer looks for one to claim)
@@ -138,41 +147,16 @@ class Swarm:
         """The run's manifest (registered on this peer, else looked up)."""
         return self.node.manifests.get(run_id) or self.get_manifest(run_id)
 
-    # --- manifests and the runs index ---------------------------------------------------------------------------
+    # --- manifests and the runs index (protocol/record_manifest.py) -----------------------------------------------
 
     def publish_manifest(self, manifest: RunManifest, expiration_period: float = MANIFEST_PERIOD) -> bool:
-        """Store the manifest under its run's key and add it to the runs index; True if a peer accepted both."""
-        self.node.register_run(manifest)
-        expiration = dht_time() + expiration_period
-        stored = self._store(keys.manifest_key(manifest.run_id), manifest.to_value(), expiration, manifest.run_id)
-        entry = RunIndexEntry(
-            run_id=manifest.run_id, name=manifest.name, units=len(manifest.units), published_time=dht_time()
-        )
-        indexed = self._store(keys.RUNS_INDEX, entry.to_value(), expiration, subkey=manifest.run_id)
-        return stored and indexed
+        return record_manifest.publish_manifest(self, manifest, expiration_period)
 
     def get_manifest(self, run_id: str) -> RunManifest | None:
-        found = self.node.get(keys.manifest_key(run_id), latest=True)
-        if found is None or not isinstance(found.value, dict) or run_id not in found.value:
-            return None
-        manifest = parse_record(RunManifest, found.value[run_id].value)
-        if manifest is None or manifest.run_id != run_id:
-            return None
-        self.node.register_run(manifest)
-        return manifest
+        return record_manifest.get_manifest(self, run_id)
 
     def list_runs(self) -> list[RunIndexEntry]:
-        found = self.node.get(keys.RUNS_INDEX, latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return []
-        runs, now = [], dht_time()
-        for run_id, item in list(found.value.items())[:MAX_ENTRIES]:
-            if item.expiration_time > now + MANIFEST_PERIOD + MAX_CLOCK_SKEW:
-                continue  # an index entry squatting for longer than any node announces
-            entry = parse_record(RunIndexEntry, item.value)
-            if entry is not None and entry.run_id == run_id:
-                runs.append(entry)
-        return sorted(runs, key=lambda e: (-e.published_time, e.run_id))
+        return record_manifest.list_runs(self)
 
     # --- each record type's accessors, kept as methods for their callers (its module holds the code) -------------
     # A new record type needs none here: its module's functions take the Swarm (protocol/witness.py).
