@@ -50,23 +50,10 @@ class MachineReport:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' picks CUDA, then Apple MPS, then CPU; an explicit device that is absent is a user error."""
-    import torch
+    """`--device` as a string ("cuda", "cuda:1", "mps", "cpu"): experts/device.pick_device decides."""
+    from isles.experts.device import pick_device
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IslesError(f"--device {device} was asked for but CUDA is not available", hint="use --device auto")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise IslesError("--device mps was asked for but Apple MPS is not available", hint="use --device auto")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise IslesError(f"unknown device {device!r}", hint="use one of: auto, cpu, cuda, cuda:N, mps")
-    return device
+    return str(pick_device(device))
 
 
 def _ram_bytes() -> int:

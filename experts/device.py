@@ -9,23 +9,28 @@ import torch
 from isles.protocol.errors import IslesError
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """The requested device, or the best present: CUDA, then Apple MPS, then CPU."""
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise IslesError(f"unknown device {requested!r}", hint="use cpu, cuda, cuda:1 or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise IslesError("CUDA was requested but no CUDA GPU is usable here", hint="use --device cpu")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise IslesError("MPS was requested but is not available here", hint="use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(requested: str | None = "auto") -> torch.device:
+    """The device asked for; "auto" (or None) picks the best present: CUDA, then Apple MPS, then CPU. A device that
+    is absent or unknown is a user error. The one place isles resolves `--device` (client/machine.resolve_device
+    gives the same as a string)."""
+    if requested in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    unknown = IslesError(f"unknown device {requested!r}", hint="use one of: auto, cpu, cuda, cuda:N, mps")
+    if requested not in ("cpu", "mps") and not requested.startswith("cuda"):
+        raise unknown
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise unknown from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IslesError(f"--device {requested} was asked for but CUDA is not available", hint="use --device auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise IslesError("--device mps was asked for but Apple MPS is not available", hint="use --device auto")
+    return device
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
