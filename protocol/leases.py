@@ -212,15 +212,19 @@ class Lease:
         return not self.lost.is_set()
 
     def _heartbeat(self) -> None:
-        settings = self.manager.settings
+        settings, taken = self.manager.settings, time.monotonic()
         # One more read a settle period after taking the lease: a racer's write slower than the settle period (a
         # burst of peers on a busy network) is seen then, within seconds of training, not a heartbeat later.
         if not self._stop.wait(min(settings.settle_period, settings.heartbeat_period)):
             self._beat(self.confirm)
         self.confirmed.set()
-        while not self.lost.is_set() and not self._stop.wait(settings.heartbeat_period):
+        # Renewals keep their schedule from when the lease was taken (the read above must not push the claim's
+        # first renewal past its expiration).
+        first = max(0.0, taken + settings.heartbeat_period - time.monotonic())
+        while not self.lost.is_set() and not self._stop.wait(first):
             if not self._beat(self.renew):
                 return
+            first = settings.heartbeat_period
 
     def _beat(self, action) -> bool:
         """Run one heartbeat action; False when the DHT went away (stop beating: the lease will expire)."""
@@ -279,12 +283,21 @@ class LeaseManager:
         owner = self.owner_entry(unit, self.swarm.get_claims(self.run_id, unit))
         return None if owner is None else owner.record
 
-    def owner_entry(self, unit: str, entries: list[Signed], exempt: bytes | None = None) -> Signed | None:
-        """The owning claim as this peer judges it (its own claim, `exempt`, never counts as stalled to itself)."""
+    def owner_entry(
+        self, unit: str, entries: list[Signed], exempt: bytes | None = None, progress_read: dict | None = None
+    ) -> Signed | None:
+        """The owning claim as this peer judges it (its own claim, `exempt`, never counts as stalled to itself).
+        `progress_read` (unit -> progress) keeps the progress read for a unit, for callers that judge it again soon."""
         now, timeout = dht_time(), self.settings.progress_timeout
         # Progress matters only for a holder seen longer than the timeout: skip two DHT reads in the common case.
         old = any(now - e.holder_since > timeout for e in live_claims(entries, now) if e.subkey != exempt)
-        progress = progress_of(self.swarm, self.run_id, unit) if old else {}
+        progress: dict = {}
+        if old and progress_read is not None and unit in progress_read:
+            progress = dict(progress_read[unit])
+        elif old:
+            progress = progress_of(self.swarm, self.run_id, unit)
+            if progress_read is not None:
+                progress_read[unit] = dict(progress)
         if exempt is not None:
             progress.update({(e.peer_id, e.record.attempt): dht_time() for e in entries if e.subkey == exempt})
         return owner_of(entries, now, self.settings.backdate_grace, progress, timeout)
@@ -298,26 +311,29 @@ class LeaseManager:
         gives it, so that peers that lost a race together rarely collide again."""
         units = list(units)
         tried: set[str] = set()
+        progress_read: dict = {}  # holders' progress, read at most once per unit in this call
         if self._write_first and units:
             first = self.choose_units(units)[0]
             tried.add(first)
             if (lease := self.claim(first)) is not None:
                 return lease
         while not self._closed.is_set():
-            view = self.swarm.scan_claims(self.run_id, units)  # a hint: `_claim` settles and reads in full
-            order = [unit for unit in self._claim_order(view) if unit not in tried]
+            view = self.swarm.scan_claims(self.run_id, units)
+            order = [unit for unit in self._claim_order(view, progress_read) if unit not in tried]
             if not order:
                 return None
             tried.add(order[0])
-            if (lease := self._claim(order[0], view[order[0]])) is not None:
+            # The scan is a hint and may miss a record: the claim is dated only after a full read of its unit, so
+            # an owner found only later (first seen after our claim was dated) cannot be one that was there before.
+            if (lease := self.claim(order[0])) is not None:
                 return lease
         return None
 
-    def _claim_order(self, view: dict[str, list[Signed]]) -> list[str]:
+    def _claim_order(self, view: dict[str, list[Signed]], progress_read: dict | None = None) -> list[str]:
         """Units to try, given every unit's claims: one we already own (from before a restart), then the free unit
         this peer is matched to, then the other free ones in rendezvous order; units others own are left out."""
         mine, now = self.swarm.subkey(), dht_time()
-        owners = {unit: self.owner_entry(unit, entries) for unit, entries in view.items()}
+        owners = {unit: self.owner_entry(unit, entries, progress_read=progress_read) for unit, entries in view.items()}
         ours = [unit for unit, owner in owners.items() if owner is not None and owner.subkey == mine]
         free = [unit for unit, owner in owners.items() if owner is None]
         # Racing: peers with a claim or a withdrawal of the last few settle periods that own no unit (losers of a
@@ -371,13 +387,21 @@ class LeaseManager:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{unit}") as reader:
             read = reader.submit(self._read_claims, unit)
             stored = self.swarm.put_claim(claim, expiration)
-            entries = read.result()
+            try:
+                entries = read.result()
+            except Exception:
+                if stored:  # no read, no judgment: give the unit back rather than hold it blind
+                    self._written[unit] = expiration
+                    self._withdraw(claim, expiration)
+                raise
         if not stored:
             return None
         self._written[unit] = expiration
+        # Whatever this read found was there when ours was dated (the read began then), however late this reader
+        # first saw it: an owner among them ranks by the time it states, not by when we first saw it.
         others = [e for e in entries if e.subkey != mine]
         owner = self.owner_entry(unit, others)
-        if owner is not None and _place(owner, self.settings) < _place_of(claim):
+        if owner is not None and (owner.record.claimed_time, owner.record.peer_id) < _place_of(claim)[1:]:
             logger.debug("%s is owned by %s; withdrawing the claim written before reading", unit, owner.peer_id)
             self._withdraw_in_background(claim, expiration)
             return None

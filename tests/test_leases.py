@@ -158,6 +158,34 @@ def test_a_peer_new_to_the_run_writes_first_and_still_gives_way_to_an_owner(swar
         newcomer.close()
 
 
+def test_a_newcomer_never_takes_a_unit_held_since_before_it_looked(swarms):
+    """An owner of long standing is first seen by a newcomer after the newcomer dated its own claim (it writes while
+    it reads), so by first-seen times alone the newcomer would rank first: it must give way all the same."""
+    a, b, c = swarms
+    manifest = make_manifest(num_shards=3)
+    claim_of(c, manifest.run_id, "expert-2", age=FAST.backdate_grace + 20)  # held for longer than the grace
+    newcomer = LeaseManager(a, manifest.run_id, FAST, new_to_run=True)
+    try:
+        assert newcomer.claim("expert-2") is None
+        assert LeaseManager(b, manifest.run_id, FAST).owner("expert-2").peer_id == c.peer_id
+    finally:
+        newcomer.close()
+
+
+def test_a_scan_that_misses_an_owner_does_not_let_a_peer_take_its_unit(swarms):
+    """The one-traversal scan of every unit is a hint: a peer dates a claim only after a full read of the unit."""
+    a, b, c = swarms
+    manifest = make_manifest(num_shards=3)
+    claim_of(c, manifest.run_id, "expert-0", age=FAST.backdate_grace + 20)
+    a.scan_claims = lambda run_id, units: {unit: [] for unit in units}  # a scan that missed the owner's record
+    manager = LeaseManager(a, manifest.run_id, FAST)
+    try:
+        assert manager.acquire(["expert-0"]) is None
+        assert LeaseManager(b, manifest.run_id, FAST).owner("expert-0").peer_id == c.peer_id
+    finally:
+        manager.close()
+
+
 def test_peers_that_lost_a_race_together_are_matched_to_different_free_units(swarms):
     a, b, c = swarms
     manifest = make_manifest(num_shards=6)
@@ -165,7 +193,8 @@ def test_peers_that_lost_a_race_together_are_matched_to_different_free_units(swa
     claim_of(c, manifest.run_id, units[0], age=1.0)  # the winner
     for loser in (a, b):
         claim_of(loser, manifest.run_id, units[0])
-    managers = {s.peer_id: LeaseManager(s, manifest.run_id, FAST) for s in (a, b)}
+    patient = LeaseSettings(ttl_period=60.0, heartbeat_period=15.0, settle_period=10.0)  # racers for 40 s
+    managers = {s.peer_id: LeaseManager(s, manifest.run_id, patient) for s in (a, b)}
 
     def first_choices():
         views = {p: m.swarm.scan_claims(manifest.run_id, units) for p, m in managers.items()}
@@ -187,7 +216,7 @@ def test_a_racer_slower_than_the_settle_period_is_caught_by_the_confirming_read(
     before the next heartbeat."""
     a, b, _ = swarms
     manifest = make_manifest()
-    settings = LeaseSettings(ttl_period=120.0, heartbeat_period=60.0, settle_period=2.0)
+    settings = LeaseSettings(ttl_period=120.0, heartbeat_period=60.0, settle_period=5.0)
     lease = LeaseManager(a, manifest.run_id, settings).claim("expert-0")
     assert lease is not None and not lease.lost.is_set()
     late = Claim(
