@@ -212,15 +212,15 @@ class Lease:
         return not self.lost.is_set()
 
     def _heartbeat(self) -> None:
-        settings, taken = self.manager.settings, time.monotonic()
+        settings = self.manager.settings
         # One more read a settle period after taking the lease: a racer's write slower than the settle period (a
         # burst of peers on a busy network) is seen then, within seconds of training, not a heartbeat later.
         if not self._stop.wait(min(settings.settle_period, settings.heartbeat_period)):
             self._beat(self.confirm)
         self.confirmed.set()
-        # Renewals keep their schedule from when the lease was taken (the read above must not push the claim's
-        # first renewal past its expiration).
-        first = max(0.0, taken + settings.heartbeat_period - time.monotonic())
+        # The first renewal comes a heartbeat after the claim was written (it expires a TTL after that), however
+        # long the settle period and the read above took.
+        first = max(0.0, self._expiration_time - settings.ttl_period + settings.heartbeat_period - dht_time())
         while not self.lost.is_set() and not self._stop.wait(first):
             if not self._beat(self.renew):
                 return
@@ -284,10 +284,16 @@ class LeaseManager:
         return None if owner is None else owner.record
 
     def owner_entry(
-        self, unit: str, entries: list[Signed], exempt: bytes | None = None, progress_read: dict | None = None
+        self,
+        unit: str,
+        entries: list[Signed],
+        exempt: bytes | None = None,
+        progress_read: dict | None = None,
+        grace: float | None = None,
     ) -> Signed | None:
         """The owning claim as this peer judges it (its own claim, `exempt`, never counts as stalled to itself).
-        `progress_read` (unit -> progress) keeps the progress read for a unit, for callers that judge it again soon."""
+        `progress_read` (unit -> progress) keeps the progress read for a unit, for callers that judge it again soon;
+        `grace` replaces the settings' backdate grace (infinite: rank by stated times alone)."""
         now, timeout = dht_time(), self.settings.progress_timeout
         # Progress matters only for a holder seen longer than the timeout: skip two DHT reads in the common case.
         old = any(now - e.holder_since > timeout for e in live_claims(entries, now) if e.subkey != exempt)
@@ -300,7 +306,8 @@ class LeaseManager:
                 progress_read[unit] = dict(progress)
         if exempt is not None:
             progress.update({(e.peer_id, e.record.attempt): dht_time() for e in entries if e.subkey == exempt})
-        return owner_of(entries, now, self.settings.backdate_grace, progress, timeout)
+        grace = self.settings.backdate_grace if grace is None else grace
+        return owner_of(entries, now, grace, progress, timeout)
 
     def acquire(self, units: Iterable[str]) -> Lease | None:
         """Claim one of `units`: the first won, or None if all are owned by others.
@@ -323,8 +330,8 @@ class LeaseManager:
             if not order:
                 return None
             tried.add(order[0])
-            # The scan is a hint and may miss a record: the claim is dated only after a full read of its unit, so
-            # an owner found only later (first seen after our claim was dated) cannot be one that was there before.
+            # The scan is a hint and may miss a record: the claim is dated only after a full read of its unit, as
+            # a claim without the scan would be.
             if (lease := self.claim(order[0])) is not None:
                 return lease
         return None
@@ -398,9 +405,10 @@ class LeaseManager:
             return None
         self._written[unit] = expiration
         # Whatever this read found was there when ours was dated (the read began then), however late this reader
-        # first saw it: an owner among them ranks by the time it states, not by when we first saw it.
+        # first saw it: we give way to any live claim among them that states an earlier time than ours. (Ranked by
+        # first-seen times, a long-standing owner would rank behind a racer dated just after us, and then us.)
         others = [e for e in entries if e.subkey != mine]
-        owner = self.owner_entry(unit, others)
+        owner = self.owner_entry(unit, others, grace=float("inf"))
         if owner is not None and (owner.record.claimed_time, owner.record.peer_id) < _place_of(claim)[1:]:
             logger.debug("%s is owned by %s; withdrawing the claim written before reading", unit, owner.peer_id)
             self._withdraw_in_background(claim, expiration)

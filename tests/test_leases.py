@@ -167,7 +167,34 @@ def test_a_newcomer_never_takes_a_unit_held_since_before_it_looked(swarms):
     newcomer = LeaseManager(a, manifest.run_id, FAST, new_to_run=True)
     try:
         assert newcomer.claim("expert-2") is None
-        assert LeaseManager(b, manifest.run_id, FAST).owner("expert-2").peer_id == c.peer_id
+        # Its claim is withdrawn in the background; once that lands, a third peer sees the owner alone.
+        wait_for(
+            lambda: getattr(LeaseManager(b, manifest.run_id, FAST).owner("expert-2"), "peer_id", None) == c.peer_id,
+            timeout=20,
+            message="the newcomer's withdrawal",
+        )
+    finally:
+        newcomer.close()
+
+
+def test_a_newcomer_gives_way_to_a_long_standing_owner_even_beside_a_racer(swarms):
+    """The newcomer's read finds the owner of long standing and a racer dated just after the newcomer: ranked by
+    first-seen times the racer would come first, and the newcomer (earlier than the racer) would take the unit."""
+    a, b, c = swarms
+    manifest = make_manifest(num_shards=3)
+    claim_of(c, manifest.run_id, "expert-1", age=FAST.backdate_grace + 20)  # the owner, held for long
+    newcomer = LeaseManager(a, manifest.run_id, FAST, new_to_run=True)
+    read, raced = newcomer._read_claims, []
+
+    def race_then_read(unit):  # the racer's claim lands after the newcomer dated its own, before the read
+        if not raced:
+            raced.append(claim_of(b, manifest.run_id, unit))
+        return read(unit)
+
+    newcomer._read_claims = race_then_read
+    try:
+        assert newcomer.claim("expert-1") is None
+        assert raced  # the racer's claim was there to be found
     finally:
         newcomer.close()
 
