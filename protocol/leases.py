@@ -409,7 +409,7 @@ class LeaseManager:
         # first-seen times, a long-standing owner would rank behind a racer dated just after us, and then us.)
         others = [e for e in entries if e.subkey != mine]
         owner = self.owner_entry(unit, others, grace=float("inf"))
-        if owner is not None and (owner.record.claimed_time, owner.record.peer_id) < _place_of(claim)[1:]:
+        if owner is not None and (owner.record.claimed_time, owner.peer_id) < (claim.claimed_time, claim.peer_id):
             logger.debug("%s is owned by %s; withdrawing the claim written before reading", unit, owner.peer_id)
             self._withdraw_in_background(claim, expiration)
             return None
