@@ -10,7 +10,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from isles.experts.distributed import World, broadcast
+from isles.experts.distributed import World, broadcast, leave
 
 log = logging.getLogger("isles.join")
 WAIT_PERIOD = 7 * 24 * 3600.0  # how long followers may wait for the next unit (rank 0 may wait long for a lease)
@@ -83,9 +83,11 @@ def run_ranks(config, console, stop):
     config = replace(config, device=device)
     if not world.leader:
         follow(config, world, resolve_device(device))
+        leave(world)
         return None
     leader = Leader(None, world)
     leader.volunteer = Volunteer(config, console, stop=stop, trainer=leader)
     outcomes = leader.volunteer.run()  # on an error, rank 0 exits and torchrun stops the followers
     leader.finish()
+    leave(world)
     return outcomes

@@ -77,6 +77,20 @@ def init_from_env(device_type: str, timeout_period: float | None = None) -> Worl
     return World.current()
 
 
+def leave(world: World) -> None:
+    """Leave the process group after the last collective, on every rank that finished well. Without this, gloo's
+    worker threads outlive the interpreter's finalization and a rank can abort at exit ("terminate called without an
+    active exception", SIGABRT), which torchrun reports as a failed run. Not on an error: a rank that raised may have
+    left the others inside a collective, and they would wait here for it."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears down its connections while another still reads from them
+        dist.destroy_process_group()
+
+
 def broadcast(obj, world: World):
     """Rank 0's `obj` on every rank (pickled: only for small, trusted objects made by rank 0 of this machine)."""
     if world.size == 1:

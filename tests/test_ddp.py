@@ -37,6 +37,7 @@ def test_two_cpu_ranks_match_one_process_at_the_same_global_batch(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     double = _train(tmp_path / "two", "--gpus", "2")
     assert double.returncode == 0, double.stderr[-3000:]
+    assert "terminate called" not in double.stderr  # every rank left its process group before exiting
     assert double.stdout.count('"completed"') == 1  # rank 0 alone reports (and exports)
     a, b = (
         checkpoints.read_checkpoint(checkpoints.latest_checkpoint(tmp_path / name / "checkpoints"))
@@ -84,6 +85,7 @@ def test_join_with_two_gpus_trains_a_unit_as_one_process_would(tmp_path):
             capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "terminate called" not in proc.stderr  # a rank that exits inside gloo aborts, and torchrun fails
         (outcome,) = json.loads(proc.stdout)  # rank 0 alone reports
         assert outcome["state"] == "released", outcome
         assert f"rank 1: training {outcome['unit']} with rank 0" in proc.stderr  # the second rank took part

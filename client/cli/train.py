@@ -54,7 +54,7 @@ def train_expert(
 
     from isles.experts.conditioning import TextCondition
     from isles.experts.data import load_data
-    from isles.experts.distributed import exec_torchrun, init_from_env, local_device
+    from isles.experts.distributed import exec_torchrun, init_from_env, leave, local_device
     from isles.experts.expert import ExpertTask, sample_expert, save_grid
     from isles.experts.trainer import TrainRecipe, train
     from isles.protocol.files import sha256_file
@@ -108,6 +108,7 @@ def train_expert(
         result = train(
             task, recipe, out, device=device, micro_batch=micro_batch, precision=precision, progress=on_progress
         )
+    leave(world)  # the ranks' last collective was in train()
     if not world.leader:
         return  # rank 0 exports, samples and reports
 
