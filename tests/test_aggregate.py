@@ -76,7 +76,7 @@ def _expert_task(manifest, store_root, noise: bool = False):
 def _release(swarm, manifest, unit, folder, *, attempt: int, val_loss=None, files=None, tag: str = "", ckpts=None):
     """Publish `folder` with its training's last checkpoint (in `ckpts`, default beside it) and checkpoint chain, and
     write a release record for it, as a volunteer would."""
-    from isles.client.join import stage_release
+    from isles.client.unit_checkpoints import stage_release
     from isles.experts.checkpoints import latest_checkpoint
     from isles.protocol.artifacts import folder_files, open_store
     from isles.protocol.chain import Chain

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from isles.client.join import stage_release
 from isles.client.release_checks import check_chain
+from isles.client.unit_checkpoints import stage_release
 from isles.experts import checkpoints
 from isles.experts.data import load_source
 from isles.experts.expert import ExpertTask

@@ -257,11 +257,10 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
 
     import torch
 
-    from isles.client.join import JoinConfig, Volunteer
+    from isles.client.unit_checkpoints import restore_checkpoint
     from isles.experts import checkpoints
     from isles.experts.trainer import TrainRecipe
     from isles.protocol.artifacts import folder_files, open_store
-    from isles.protocol.dht import DHTConfig
 
     task = SimpleNamespace(describe=lambda: {"kind": "expert", "preset": "unet-tiny"}, build_model=lambda: model)
     model = torch.nn.Linear(2, 2)
@@ -280,30 +279,30 @@ def test_a_pushed_checkpoint_of_another_recipe_is_not_installed(tmp_path):
             repo="ckpts", revision=revision, files=folder_files(folder), step=step, token=SimpleNamespace(owner="x")
         )
 
-    volunteer = Volunteer(JoinConfig(swarm=DHTConfig()), console=None)
-    volunteer.store, volunteer.manifest = store, SimpleNamespace(run_id="r")
     # Furthest first, as the swarm orders them (the last pushed is the furthest here).
-    volunteer.swarm = SimpleNamespace(checkpoints_to_resume=lambda run_id, unit: list(reversed(pointers.values())))
-    volunteer.display = SimpleNamespace(event=lambda text: None)
+    swarm = SimpleNamespace(checkpoints_to_resume=lambda run_id, unit: list(reversed(pointers.values())))
     unit_dir = tmp_path / "unit"
+
+    def restore(recipe, policy):
+        return restore_checkpoint(swarm, store, "r", "expert-0", unit_dir, task, recipe, policy, lambda text: None)
 
     anything = SimpleNamespace(allows=lambda step, sha256: True)  # a run nobody verifies (client/training_chain.py)
     push(TrainRecipe(steps=100, global_batch=16, seed=7), 50)  # another seed: another trajectory
-    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine, anything) == (None, None)
+    assert restore(mine, anything) == (None, None)
     assert checkpoints.list_checkpoints(unit_dir / "checkpoints") == []
 
     push(mine, 40)
     # Checkpoints that do not fit the recipe's model, or sit at its last step, are skipped for the furthest that does.
     push(mine, 60, weights=torch.nn.Linear(2, 3).state_dict())
     push(mine, 100)
-    step, sha256 = volunteer._restore_checkpoint("expert-0", unit_dir, task, mine, anything)
+    step, sha256 = restore(mine, anything)
     assert step == 40 and sha256 == pointers[1].files[checkpoints.checkpoint_name(40)]
     assert [s for s, _ in checkpoints.list_checkpoints(unit_dir / "checkpoints")] == [40]
     # Once the run verifies checkpoints, an unverified one is neither installed nor kept: a release built on it would
     # be refused. Here only step 40 is verified, and a newer local checkpoint (never pushed) is dropped for it.
     only_40 = SimpleNamespace(allows=lambda step, sha256: step == 40)
     checkpoints.write_checkpoint(unit_dir / "checkpoints", 45, {"step": 45, "model": model.state_dict()})
-    assert volunteer._restore_checkpoint("expert-0", unit_dir, task, mine, only_40) == (40, sha256)
+    assert restore(mine, only_40) == (40, sha256)
     assert [s for s, _ in checkpoints.list_checkpoints(unit_dir / "checkpoints")] == [40]
 
 

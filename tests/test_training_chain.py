@@ -13,9 +13,9 @@ import pytest
 from test_chain import MANIFEST, WEIGHTS, trained  # noqa: F401 (fixture)
 
 from isles.client import training_chain
-from isles.client.join import stage_release
 from isles.client.release_checks import check_chain
 from isles.client.training_chain import KeptChain, ResumePolicy, chain_path, load_kept
+from isles.client.unit_checkpoints import stage_release
 from isles.protocol.artifacts import folder_files
 from isles.protocol.files import sha256_file
 
