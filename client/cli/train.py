@@ -65,7 +65,9 @@ def train_expert(
         torch.set_num_threads(threads)  # several trainers on one machine: one thread each avoids thrashing
     device = local_device(device or "auto")  # each rank its own GPU under torchrun
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    world = init_from_env("cuda" if cuda else "cpu")
+    # Followers wait in leave()'s barrier while rank 0 saves, validates and exports: longer than torch's default
+    # collective timeout (NCCL 10 min) for a large model. A rank that dies is still caught: torchrun stops the rest.
+    world = init_from_env("cuda" if cuda else "cpu", timeout_period=6 * 3600.0)
     if world.size > 1:
         from isles.client.lifetime import die_with_parent
 
