@@ -442,10 +442,12 @@ class LeaseManager:
         A new claim (not one `renewed` after a restart) also looks, while it settles, for checkpoints of its attempt
         number or a later one: an old attempt's checkpoints would make ours a repeat."""
         unit, mine = claim.unit, self.swarm.subkey()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoints-{unit}") as pool:
-            past = None if renewed else pool.submit(self._past_checkpoints, claim, expiration)
+        if renewed:
             won = self._settle(claim, settled)
-            if past is not None:
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoints-{unit}") as pool:
+                past = pool.submit(self._past_checkpoints, claim, expiration)
+                won = self._settle(claim, settled)
                 claim, expiration = past.result()
         if not won:
             self._withdraw_in_background(claim, expiration)
