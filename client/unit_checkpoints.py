@@ -94,10 +94,7 @@ def stage_checkpoint(path: Path, step: int) -> Path:
         if part.is_dir():
             shutil.copytree(part, staging / part.name)
             continue
-        try:
-            os.link(part, staging / part.name)
-        except OSError:
-            shutil.copy2(part, staging / part.name)
+        _link_or_copy(part, staging / part.name)
     return staging
 
 
@@ -112,9 +109,14 @@ def stage_release(export_dir: Path, checkpoint: Path, step: int, chain) -> Path:
     folder = Path(export_dir).parent / "release"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(export_dir, folder)
-    try:
-        os.link(checkpoint, folder / FINAL_CHECKPOINT)
-    except OSError:
-        shutil.copy2(checkpoint, folder / FINAL_CHECKPOINT)
+    _link_or_copy(checkpoint, folder / FINAL_CHECKPOINT)
     chain.write(folder / CHAIN_FILE)
     return folder
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one (no second copy of a large checkpoint), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
