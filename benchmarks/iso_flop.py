@@ -54,6 +54,7 @@ QUESTION_CONFIGS = ("calibrated_top1", "calibrated_top2", "calibrated", "hetero_
                     "hetero_chosen_calibrated", "proportional", "proportional_calibrated")  # fmt: skip
 CONFIGS = BASE_CONFIGS + QUESTION_CONFIGS
 SOLVERS = ("euler", "heun", "dpm++2m", "unipc")
+SWEEP_LABELS = {"ensemble": "all-FM ensemble", "monolith": "monolith", "proportional": "proportional steps"}
 
 
 @dataclass(frozen=True)
@@ -354,16 +355,22 @@ def run_seed(
             model.advance(1.0)
         row = evaluate(_ensemble(rand_fm, ["fm"] * k, rand_router, pipe_config), reference, ev_one)[0]
         rows["random_shards"] = {**row, "train_flops": sum(e.flops for e in rand_fm) + rand_router.flops}
-    # 6. Samplers: the all-FM top-1 ensemble under each ODE solver at a few step counts (FID against expert calls).
+    # 6. Samplers: under each ODE solver at a few step counts (FID against expert calls), the all-FM ensemble, the
+    #    monolith (so the two sides are compared with the best solver for each) and the proportional-steps ensemble.
     sweep = []
     if questions:
-        ensemble = _ensemble(fm, ["fm"] * k, router, pipe_config)
-        for solver in SOLVERS:
-            for steps in config.sampler_steps:
-                row = evaluate(ensemble, reference, dataclasses.replace(ev_one, steps=steps, solver=solver))[0]
-                sweep.append({"solver": solver, "steps": steps, "fid": row["fid"],
-                              "expert_calls_per_sample": row["expert_calls_per_sample"]})  # fmt: skip
-                on_row(f"seed {seed}: sampler {solver} x {steps}: FID {row['fid']:.3f}")
+        sweep_models = {
+            "ensemble": _ensemble(fm, ["fm"] * k, router, pipe_config),
+            "monolith": ModelSampler(mono.model, "fm", "monolith", mono_info),
+            "proportional": _ensemble(proportional, ["fm"] * k, router, pipe_config),
+        }
+        for model_name, sampler in sweep_models.items():
+            for solver in SOLVERS:
+                for steps in config.sampler_steps:
+                    row = evaluate(sampler, reference, dataclasses.replace(ev_one, steps=steps, solver=solver))[0]
+                    sweep.append({"model": model_name, "solver": solver, "steps": steps, "fid": row["fid"],
+                                  "expert_calls_per_sample": row["expert_calls_per_sample"]})  # fmt: skip
+                    on_row(f"seed {seed}: sampler {solver} x {steps}, {model_name}: FID {row['fid']:.3f}")
     on_row(f"seed {seed}: " + ", ".join(f"{name} {rows[name]['fid']:.3f}" for name in CONFIGS if name in rows))
     if samples_dir is not None and config.video:
         save_video_samples(_ensemble(fm, ["fm"] * k, router, pipe_config), samples_dir, 30, max(config.guidance, 3.0))
@@ -414,8 +421,9 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
         for i, first in enumerate(sweeps[0]):
             fid_mean, fid_std = stat(sw[i]["fid"] for sw in sweeps)
             calls = first["expert_calls_per_sample"]
-            out["samplers"].append({"solver": first["solver"], "steps": first["steps"], "fid_mean": fid_mean,
-                                    "fid_std": fid_std, "expert_calls_per_sample": calls})  # fmt: skip
+            out["samplers"].append({"model": first.get("model", "ensemble"), "solver": first["solver"],
+                                    "steps": first["steps"], "fid_mean": fid_mean, "fid_std": fid_std,
+                                    "expert_calls_per_sample": calls})  # fmt: skip
     return out
 
 
@@ -437,11 +445,12 @@ def markdown(result: dict) -> str:
             f"{r['expert_calls_per_sample']:.0f} | {r['train_flops']:.3g} |"
         )
     if result.get("samplers"):
-        header = f"| sampler | steps | expert calls / sample | {metric} (mean ± sd) |"
-        lines += ["", f"Samplers (the all-FM ensemble, {result['config']['routing']}):", "", header]
-        lines.append("|---|---|---|---|")
+        header = f"| model | sampler | steps | expert calls / sample | {metric} (mean ± sd) |"
+        lines += ["", f"Samplers (the ensembles route {result['config']['routing']}):", "", header]
+        lines.append("|---|---|---|---|---|")
         for r in result["samplers"]:
-            lines.append(f"| {r['solver']} | {r['steps']} | {r['expert_calls_per_sample']:.0f} | "
+            label = SWEEP_LABELS[r.get("model", "ensemble")]
+            lines.append(f"| {label} | {r['solver']} | {r['steps']} | {r['expert_calls_per_sample']:.0f} | "
                          f"{r['fid_mean']:.3f} ± {r['fid_std']:.3f} |")  # fmt: skip
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
@@ -491,15 +500,18 @@ def plot(result: dict, path: Path) -> None:
 def plot_samplers(result: dict, path: Path) -> None:
     """FID against expert calls per sample, one line per ODE solver (the sampler sweep)."""
     fig, ax = _new_figure()
-    for solver in dict.fromkeys(r["solver"] for r in result["samplers"]):
-        rows = [r for r in result["samplers"] if r["solver"] == solver]
+    styles = {"ensemble": "-", "monolith": ":", "proportional": "--"}
+    colors = dict(zip(SOLVERS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+    for key in dict.fromkeys((r.get("model", "ensemble"), r["solver"]) for r in result["samplers"]):
+        rows = [r for r in result["samplers"] if (r.get("model", "ensemble"), r["solver"]) == key]
         ax.errorbar([r["expert_calls_per_sample"] for r in rows], [r["fid_mean"] for r in rows],
-                    yerr=[r["fid_std"] for r in rows], marker="o", capsize=3, label=solver)  # fmt: skip
+                    yerr=[r["fid_std"] for r in rows], marker="o", capsize=3, linestyle=styles[key[0]],
+                    color=colors.get(key[1]), label=f"{SWEEP_LABELS[key[0]]}, {key[1]}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("expert calls per sample")
     metric = "FVD" if result["config"].get("video") else "FID"
     ax.set_ylabel(f"{metric} (n={result['config']['n']})")
-    ax.set_title(f"samplers: the all-FM ensemble, {result['config']['routing']}")
+    ax.set_title(f"samplers (ensembles: {result['config']['routing']})")
     _save_figure(fig, ax, path)
 
 

@@ -226,11 +226,19 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
         assert abs(result[name]["train_flops"] - budget) <= 0.05 * budget, name  # still iso-FLOP
     steps = [s["rows"]["proportional"]["steps"] for s in result["per_seed"]]
     assert all(sum(st) == 3 * result["per_seed"][0]["expert_steps"] and st[0] > st[-1] for st in steps), steps
-    sweep = {(r["solver"], r["steps"]): r for r in result["samplers"]}
-    assert set(sweep) == {(s, n) for s in ("euler", "heun", "dpm++2m", "unipc") for n in (2, 4)}
-    assert sweep[("heun", 4)]["expert_calls_per_sample"] == 7 and sweep[("dpm++2m", 4)]["expert_calls_per_sample"] == 4
+    # The sweep covers the monolith too, so each side can be compared under its best solver.
+    sweep = {(r["model"], r["solver"], r["steps"]): r for r in result["samplers"]}
+    solvers = ("euler", "heun", "dpm++2m", "unipc")
+    models = ("ensemble", "monolith", "proportional")
+    assert set(sweep) == {(m, s, n) for m in models for s in solvers for n in (2, 4)}
+    for model in models:
+        assert sweep[(model, "heun", 4)]["expert_calls_per_sample"] == 7
+        assert sweep[(model, "dpm++2m", 4)]["expert_calls_per_sample"] == 4
+    # The monolith's Euler row is the monolith row itself at the same steps (the same samples).
+    monolith_4 = [s["rows"]["monolith"]["fid"] for s in result["per_seed"]]
+    assert sweep[("monolith", "euler", 4)]["fid_mean"] == pytest.approx(sum(monolith_4) / len(monolith_4), abs=1e-3)
     assert (tmp_path / "iso_flop_quick.png").stat().st_size > 1000
     assert (tmp_path / "iso_flop_quick_samplers.png").stat().st_size > 1000
     assert "| monolith |" in (tmp_path / "iso_flop_quick.md").read_text()
-    assert "| heun | 4 | 7 |" in (tmp_path / "iso_flop_quick.md").read_text()
+    assert "| monolith | heun | 4 | 7 |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith |" in proc.stdout

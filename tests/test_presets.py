@@ -15,6 +15,7 @@ from isles.experts.presets import (
     build_model,
     clip_shape,
     count_parameters,
+    get_preset,
     is_text_preset,
     is_video_preset,
     load_model,
@@ -102,8 +103,8 @@ def test_every_text_preset_builds_trains_round_trips_and_reads_its_caption(name,
 
 @pytest.mark.parametrize("name", SWEPT_VIDEO)
 def test_every_video_preset_builds_trains_round_trips_and_reads_its_caption(name, tmp_path):
-    # wan-tiny's 2x4x4 patches take pixel clips; the others' 1x2x2 take VAE latents (16 channels in Wan 2.1).
-    channels, frames, resolution = (3, 4, 16) if name == "wan-tiny" else (4, 3, 8)
+    # wan-micro's and wan-tiny's 2x4x4 patches take pixel clips; the others' 1x2x2 take VAE latents (16 channels).
+    channels, frames, resolution = (3, 4, 16) if get_preset(name).patch_frames > 1 else (4, 3, 8)
     width, tokens = 32, 6
     torch.manual_seed(0)
     model = build_model(name, channels, resolution, text_width=width, frames=frames)
@@ -183,6 +184,9 @@ def test_unknown_preset_and_shapes_that_do_not_fit_are_user_errors():
         build_model("dit-s-4", 3, 10)
     with pytest.raises(IslesError, match="even resolution"):
         build_model("unet-tiny", 3, 7)
+    # wan-tiny's 128-wide tokens cannot stand for 2x4x4 patches of Wan's 16-channel VAE latents (512 values).
+    with pytest.raises(IslesError, match="narrower than its 2x4x4 patches of 16 channels"):
+        build_model("wan-tiny", 16, 32, text_width=384, frames=4)
 
 
 def test_alias_tiny_is_the_tiny_unet():
