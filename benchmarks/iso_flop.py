@@ -466,12 +466,16 @@ def _new_figure():
 
 
 def _save_figure(fig, ax, path: Path) -> None:
-    """Legend, layout, and the PNG written atomically."""
+    """Legend (beside the axes when it is long), layout, and the PNG written atomically."""
     import io
 
     import matplotlib.pyplot as plt
 
-    ax.legend()
+    if len(ax.get_legend_handles_labels()[1]) > 6:
+        fig.set_size_inches(9, 4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -500,13 +504,14 @@ def plot(result: dict, path: Path) -> None:
 def plot_samplers(result: dict, path: Path) -> None:
     """FID against expert calls per sample, one line per ODE solver (the sampler sweep)."""
     fig, ax = _new_figure()
-    styles = {"ensemble": "-", "monolith": ":", "proportional": "--"}
+    styles = {"ensemble": ("-", "o"), "monolith": (":", "s"), "proportional": ("--", "^")}  # line, marker
     colors = dict(zip(SOLVERS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
     for key in dict.fromkeys((r.get("model", "ensemble"), r["solver"]) for r in result["samplers"]):
         rows = [r for r in result["samplers"] if (r.get("model", "ensemble"), r["solver"]) == key]
         ax.errorbar([r["expert_calls_per_sample"] for r in rows], [r["fid_mean"] for r in rows],
-                    yerr=[r["fid_std"] for r in rows], marker="o", capsize=3, linestyle=styles[key[0]],
-                    color=colors.get(key[1]), label=f"{SWEEP_LABELS[key[0]]}, {key[1]}")  # fmt: skip
+                    yerr=[r["fid_std"] for r in rows], marker=styles[key[0]][1], capsize=3,
+                    linestyle=styles[key[0]][0], color=colors.get(key[1]),
+                    label=f"{SWEEP_LABELS[key[0]]}, {key[1]}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("expert calls per sample")
     metric = "FVD" if result["config"].get("video") else "FID"
