@@ -86,7 +86,7 @@ class BenchConfig:
     guidance: float = 1.0  # video: classifier-free guidance when sampling (1 = off, plain conditional sampling)
     questions: bool = True  # images: also the QUESTION_CONFIGS rows and the sampler sweep
     random_shards: bool = True  # the random-shards row (0: skip it, an ensemble's worth of training less)
-    sampler_steps: tuple[int, ...] = (10, 20, 50)  # the sampler sweep: FID of the top-1 ensemble per solver and steps
+    sampler_steps: tuple[int, ...] = (10, 20, 50)  # the sampler sweep: FID per solver and steps (monolith, ensembles)
 
     def routings(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(("top1", "top2", "full", self.routing)))
@@ -402,7 +402,9 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
         "per_seed": per_seed,
         "curve": {name: [s["curve"][name] for s in per_seed] for name in per_seed[0]["curve"]},
     }  # fmt: skip
-    out["configs"] = [name for name in CONFIGS if all(name in s["rows"] for s in per_seed)]
+    # With no DDPM experts the hetero rows are the all-FM ensemble again: not reported as hetero.
+    out["configs"] = [name for name in CONFIGS if all(name in s["rows"] for s in per_seed)
+                      and not (name.startswith("hetero") and config.hetero_ddpm == 0)]  # fmt: skip
     for name in out["configs"]:
         rows = [s["rows"][name] for s in per_seed]
         fid_mean, fid_std = stat(r["fid"] for r in rows)
@@ -415,15 +417,18 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
             "seconds_per_sample": stat(r["seconds_per_sample"] for r in rows)[0],
             "train_flops": int(np.mean([r["train_flops"] for r in rows])),
         }  # fmt: skip
-    sweeps = [s.get("samplers") or [] for s in per_seed]
+    # Sampler rows by (model, solver, steps): seeds from older runs swept the all-FM ensemble only, so only the rows
+    # every seed has are averaged.
+    sweeps = [{(r.get("model", "ensemble"), r["solver"], r["steps"]): r for r in s.get("samplers") or []}
+              for s in per_seed]  # fmt: skip
     out["samplers"] = []
-    if sweeps and all(sweeps):
-        for i, first in enumerate(sweeps[0]):
-            fid_mean, fid_std = stat(sw[i]["fid"] for sw in sweeps)
-            calls = first["expert_calls_per_sample"]
-            out["samplers"].append({"model": first.get("model", "ensemble"), "solver": first["solver"],
-                                    "steps": first["steps"], "fid_mean": fid_mean, "fid_std": fid_std,
-                                    "expert_calls_per_sample": calls})  # fmt: skip
+    for key, first in sweeps[0].items() if sweeps else ():
+        if not all(key in sw for sw in sweeps):
+            continue
+        fid_mean, fid_std = stat(sw[key]["fid"] for sw in sweeps)
+        calls = first["expert_calls_per_sample"]
+        out["samplers"].append({"model": key[0], "solver": key[1], "steps": key[2], "fid_mean": fid_mean,
+                                "fid_std": fid_std, "expert_calls_per_sample": calls})  # fmt: skip
     return out
 
 

@@ -63,8 +63,9 @@ PRESETS: dict[str, Preset] = {
         Preset("unet-cond-tiny", "unet-cond", base=32, mults=(1, 2, 2), layers_per_block=1, note="text; CPU"),
         Preset("unet-cond-small", "unet-cond", base=64, mults=(1, 2, 2, 2), layers_per_block=2, note="text"),
         Preset("unet-cond-base", "unet-cond", base=128, mults=(1, 2, 2, 2), layers_per_block=2, note="text"),
-        # Text-to-video (Paris 2.0): Wan 2.1's transformer. Token count, not parameters, sets the cost: the tiny preset
-        # cuts 16x32x32 pixel clips into 2x4x4 patches (512 tokens); the others use Wan's 1x2x2 on VAE latents.
+        # Text-to-video (Paris 2.0): Wan 2.1's transformer. Token count, not parameters, sets the cost: the micro and
+        # tiny presets cut pixel clips into 2x2x2 and 2x4x4 patches (wan-tiny: 512 tokens for 16x32x32); the others
+        # use Wan's 1x2x2 on VAE latents.
         Preset(
             "wan-tiny",
             "wan",
@@ -277,7 +278,8 @@ def _check_tokens_hold_patches(p: Preset, channels: int) -> None:
         raise IslesError(
             f"{p.name}'s tokens are {width} wide, narrower than its {shape} patches of {channels} channels "
             f"({values} values): the model could not represent the noise it has to remove",
-            hint="pick a preset with smaller patches or wider tokens (e.g. wan-small for 16-channel VAE latents)",
+            hint="pick a preset with smaller patches or wider tokens"
+            + (" (e.g. wan-small for 16-channel VAE latents)" if p.family == "wan" else ""),
         )
 
 

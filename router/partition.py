@@ -429,6 +429,11 @@ def _manifest(config, name, objectives, source, labelled, text_encoder, vae, sto
         raise IslesError(f"{config.source} has no class labels", hint=hint)
     text_width = text_encoder.spec.width if text_encoder is not None else None
     text_length = text_encoder.spec.max_length if text_encoder is not None else None
+    from isles.experts.presets import model_config
+
+    # The preset must fit the data's shape (e.g. a transformer's tokens hold a patch of these channels) before the run
+    # is published: otherwise every volunteer would fail at its first step.
+    model_config(config.preset, channels, height, num_classes if conditioning == "class" else None, text_width, frames)
     steps = split_steps(config.steps, [int(x) for x in sizes], config.steps_split)
     experts = [
         ExpertRecipe(

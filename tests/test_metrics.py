@@ -239,6 +239,27 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
     assert sweep[("monolith", "euler", 4)]["fid_mean"] == pytest.approx(sum(monolith_4) / len(monolith_4), abs=1e-3)
     assert (tmp_path / "iso_flop_quick.png").stat().st_size > 1000
     assert (tmp_path / "iso_flop_quick_samplers.png").stat().st_size > 1000
-    assert "| monolith |" in (tmp_path / "iso_flop_quick.md").read_text()
+    assert "| monolith | single |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith | heun | 4 | 7 |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith |" in proc.stdout
+
+
+def test_iso_flop_summary_averages_only_the_sampler_rows_every_seed_has():
+    """A seed from an older run swept the all-FM ensemble only (no "model" key); merged with a newer seed that also
+    swept the monolith, the summary keeps the ensemble's rows, averaged over both, and drops the monolith's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import iso_flop
+
+    def seed(fids: dict) -> dict:
+        row = {"solver": "unipc", "steps": 10, "expert_calls_per_sample": 10}
+        rows = [{**row, **({"model": m} if m else {}), "fid": f} for m, f in fids.items()]
+        return {"rows": {}, "curve": {"monolith": []}, "samplers": rows}
+
+    newer, older = seed({"ensemble": 10.0, "monolith": 12.0}), seed({None: 14.0})
+    ref = {"n": 8, "fid_floor": 1.0, "noise_fid": 100.0, "real_accuracy": 0.5}
+    for order in ([newer, older], [older, newer]):
+        out = iso_flop.summarise(iso_flop.BenchConfig(seeds=(0, 1)), order, ref, "cmd", 0.0)
+        assert [(r["model"], r["fid_mean"]) for r in out["samplers"]] == [("ensemble", 12.0)]

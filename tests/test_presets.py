@@ -103,7 +103,7 @@ def test_every_text_preset_builds_trains_round_trips_and_reads_its_caption(name,
 
 @pytest.mark.parametrize("name", SWEPT_VIDEO)
 def test_every_video_preset_builds_trains_round_trips_and_reads_its_caption(name, tmp_path):
-    # wan-micro's and wan-tiny's 2x4x4 patches take pixel clips; the others' 1x2x2 take VAE latents (16 channels).
+    # wan-micro's 2x2x2 and wan-tiny's 2x4x4 patches take pixel clips; the others' 1x2x2 take VAE latents.
     channels, frames, resolution = (3, 4, 16) if get_preset(name).patch_frames > 1 else (4, 3, 8)
     width, tokens = 32, 6
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def test_flops_are_counted_not_guessed_and_match_the_dit_paper():
 
 def test_every_preset_reports_stats_for_the_papers_latent_shape():
     for name in PRESETS:
-        if is_video_preset(name):  # Wan 2.1 VAE latents of a 17-frame clip (wan-tiny: its pixel clips)
+        if is_video_preset(name):  # Wan 2.1 VAE latents of a 17-frame clip (wan-micro, wan-tiny: their pixel clips)
             channels, frames, side = clip_shape(name)
             stats = preset_stats(name, channels, side, None, 768, 77, frames)
         elif is_text_preset(name):
