@@ -252,6 +252,7 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
     finally:
         spool_path.unlink(missing_ok=True)
     shard_paths, hashes, sizes, val_sizes, class_counts, examples, captions = written
+    _check_preset_fits(config, source, labelled, text_encoder, examples)
 
     store_uri = config.store or str((out / "store").resolve())
     store = open_store(store_uri)
@@ -416,6 +417,18 @@ def _write_shards(spool_path: Path, clusters: torch.Tensor, val_mask: torch.Tens
     return paths, hashes, sizes, val_sizes, class_counts, examples, captions
 
 
+def _check_preset_fits(config, source, labelled, text_encoder, examples) -> None:
+    """The expert preset must take the data's shape (e.g. a transformer's tokens hold a patch of these channels).
+    Checked before anything is published: otherwise every volunteer would fail at its first step."""
+    from isles.experts.presets import model_config
+
+    channels, frames, height, _ = item_layout(examples[0].shape[1:])
+    num_classes = source.meta.get("num_classes") if labelled else None
+    class_conditional = (config.conditioning or ("class" if num_classes else "none")) == "class"
+    text_width = text_encoder.spec.width if text_encoder is not None else None
+    model_config(config.preset, channels, height, num_classes if class_conditional else None, text_width, frames)
+
+
 def _manifest(config, name, objectives, source, labelled, text_encoder, vae, store_uri, repo, revision, written, n):
     from isles.protocol.records import ExpertRecipe, RouterRecipe, RunManifest, ShardRef, TextEncoderRef, VaeRef
 
@@ -429,11 +442,6 @@ def _manifest(config, name, objectives, source, labelled, text_encoder, vae, sto
         raise IslesError(f"{config.source} has no class labels", hint=hint)
     text_width = text_encoder.spec.width if text_encoder is not None else None
     text_length = text_encoder.spec.max_length if text_encoder is not None else None
-    from isles.experts.presets import model_config
-
-    # The preset must fit the data's shape (e.g. a transformer's tokens hold a patch of these channels) before the run
-    # is published: otherwise every volunteer would fail at its first step.
-    model_config(config.preset, channels, height, num_classes if conditioning == "class" else None, text_width, frames)
     steps = split_steps(config.steps, [int(x) for x in sizes], config.steps_split)
     experts = [
         ExpertRecipe(
