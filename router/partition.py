@@ -252,7 +252,7 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
     finally:
         spool_path.unlink(missing_ok=True)
     shard_paths, hashes, sizes, val_sizes, class_counts, examples, captions = written
-    _check_preset_fits(config, source, labelled, text_encoder, examples)
+    shape = _expert_shape(config, source, labelled, text_encoder, examples)  # refuses a misfit before publishing
 
     store_uri = config.store or str((out / "store").resolve())
     store = open_store(store_uri)
@@ -262,7 +262,7 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
 
     # 3. The manifest: shards + one recipe per shard + the router recipe. run_id covers all of it.
     manifest = _manifest(
-        config, name, objectives, source, labelled, text_encoder, vae, store_uri, repo, revision, written, n
+        config, name, objectives, source, labelled, shape, text_encoder, vae, store_uri, repo, revision, written, n
     )
     manifest_path = out / "manifest.json"
     atomic_write_json(manifest_path, manifest.dict())
@@ -417,43 +417,47 @@ def _write_shards(spool_path: Path, clusters: torch.Tensor, val_mask: torch.Tens
     return paths, hashes, sizes, val_sizes, class_counts, examples, captions
 
 
-def _check_preset_fits(config, source, labelled, text_encoder, examples) -> None:
-    """The expert preset must take the data's shape (e.g. a transformer's tokens hold a patch of these channels).
-    Checked before anything is published: otherwise every volunteer would fail at its first step."""
+def _expert_shape(config, source, labelled, text_encoder, examples) -> dict:
+    """The data-shape fields of every expert's recipe, checked before anything is published: the source has the labels
+    class conditioning needs, and the preset takes the shape (e.g. a transformer's tokens hold a patch of these
+    channels). Otherwise every volunteer would fail at its first step."""
     from isles.experts.presets import model_config
 
-    channels, frames, height, _ = item_layout(examples[0].shape[1:])
-    num_classes = source.meta.get("num_classes") if labelled else None
-    class_conditional = (config.conditioning or ("class" if num_classes else "none")) == "class"
-    text_width = text_encoder.spec.width if text_encoder is not None else None
-    model_config(config.preset, channels, height, num_classes if class_conditional else None, text_width, frames)
-
-
-def _manifest(config, name, objectives, source, labelled, text_encoder, vae, store_uri, repo, revision, written, n):
-    from isles.protocol.records import ExpertRecipe, RouterRecipe, RunManifest, ShardRef, TextEncoderRef, VaeRef
-
-    shard_paths, hashes, sizes, val_sizes, _, examples, _ = written
-    k = len(shard_paths)
     channels, frames, height, _ = item_layout(examples[0].shape[1:])
     num_classes = source.meta.get("num_classes") if labelled else None
     conditioning = config.conditioning or ("class" if num_classes else "none")
     if conditioning == "class" and not num_classes:
         hint = "use --conditioning none (or text, for captioned data)"
         raise IslesError(f"{config.source} has no class labels", hint=hint)
-    text_width = text_encoder.spec.width if text_encoder is not None else None
-    text_length = text_encoder.spec.max_length if text_encoder is not None else None
+    shape = {
+        "channels": channels,
+        "resolution": height,
+        "frames": frames,
+        "num_classes": num_classes if conditioning == "class" else None,
+        "conditioning": conditioning,
+        "text_width": text_encoder.spec.width if text_encoder is not None else None,
+        "text_length": text_encoder.spec.max_length if text_encoder is not None else None,
+    }
+    model_config(config.preset, channels, height, shape["num_classes"], shape["text_width"], frames)
+    return shape
+
+
+def _manifest(
+    config, name, objectives, source, labelled, shape, text_encoder, vae, store_uri, repo, revision, written, n
+):
+    from isles.protocol.records import ExpertRecipe, RouterRecipe, RunManifest, ShardRef, TextEncoderRef, VaeRef
+
+    shard_paths, hashes, sizes, val_sizes, _, _, _ = written
+    k = len(shard_paths)
+    channels, frames, height = shape["channels"], shape["frames"], shape["resolution"]
+    num_classes = source.meta.get("num_classes") if labelled else None
+    conditioning = shape["conditioning"]
     steps = split_steps(config.steps, [int(x) for x in sizes], config.steps_split)
     experts = [
         ExpertRecipe(
             preset=config.preset,
             objective=objectives[c],
-            channels=channels,
-            resolution=height,
-            frames=frames,
-            num_classes=num_classes if conditioning == "class" else None,
-            conditioning=conditioning,
-            text_width=text_width,
-            text_length=text_length,
+            **shape,
             cond_dropout=float(config.cond_dropout),
             hflip=config.hflip,
             steps=steps[c],
