@@ -52,7 +52,9 @@ BASE_CONFIGS = ("monolith", "top1", "top2", "full", "hetero", "all_fm", "random_
 # clusters with the most fine detail, and steps split in proportion to cluster size.
 QUESTION_CONFIGS = ("calibrated_top1", "calibrated_top2", "calibrated", "hetero_calibrated", "hetero_chosen",
                     "hetero_chosen_calibrated", "proportional", "proportional_calibrated")  # fmt: skip
-CONFIGS = BASE_CONFIGS + QUESTION_CONFIGS
+# Video runs: the same experts routed by a text-aware router (it reads the prompt; the papers' router does not).
+TEXT_ROUTER_CONFIGS = ("text_top1", "text_top2", "text_full")
+CONFIGS = BASE_CONFIGS + QUESTION_CONFIGS + TEXT_ROUTER_CONFIGS
 SOLVERS = ("euler", "heun", "dpm++2m", "unipc")
 SWEEP_LABELS = {"ensemble": "all-FM ensemble", "monolith": "monolith", "proportional": "proportional steps"}
 
@@ -180,7 +182,9 @@ def _video_data(config: BenchConfig):
     return data, encoder.spec.to_dict()
 
 
-def save_video_samples(sampler: EnsembleSampler, folder: Path, steps: int, guidance: float) -> None:
+def save_video_samples(
+    sampler: EnsembleSampler, folder: Path, steps: int, guidance: float, stem: str = "video_samples"
+) -> None:
     """Clips of the seed's k-means ensemble (top-1) for fixed prompts: GIF, MP4, frame sheet, routing strip."""
     from isles.client.cli.sample import routing_strip, save_png
     from isles.experts.procedural_video import caption
@@ -192,13 +196,13 @@ def save_video_samples(sampler: EnsembleSampler, folder: Path, steps: int, guida
     result = sampler.pipe(prompt=prompts, routing="top1", steps=steps, seed=0, guidance_scale=guidance,
                           return_routing=True)  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    save_clip_grid_gif(result.images, folder / "video_samples.gif", nrow=4)
+    save_clip_grid_gif(result.images, folder / f"{stem}.gif", nrow=4)
     try:
-        save_clip_grid_mp4(result.images, folder / "video_samples.mp4", nrow=4)
+        save_clip_grid_mp4(result.images, folder / f"{stem}.mp4", nrow=4)
     except ImportError:  # PyAV missing (a bare GPU machine): the GIF and the frame sheet are enough
-        log.warning("no PyAV: video_samples.mp4 not written")
-    save_frame_sheet(result.images, folder / "video_samples_frames.png", scale=3, labels=prompts, max_clips=16)
-    save_png(routing_strip(result.choices, sampler.pipe.num_experts), folder / "video_samples_routing.png")
+        log.warning("no PyAV: %s.mp4 not written", stem)
+    save_frame_sheet(result.images, folder / f"{stem}_frames.png", scale=3, labels=prompts, max_clips=16)
+    save_png(routing_strip(result.choices, sampler.pipe.num_experts), folder / f"{stem}_routing.png")
 
 
 def run_seed(
@@ -251,6 +255,15 @@ def run_seed(
         for i, s in enumerate(km_shards)
     ]
     router = Trained(router_task, _recipe(config, router_steps, seed, config.router_batch), d / "router", device)
+    text_router = None
+    if config.video:  # the same share of the budget, spent on a router that also reads the prompt
+        text_task = RouterTask(km_shards, preset=config.router_preset, conditional=False, text_aware=True)
+        text_router_steps = max(1, math.floor(
+            (budget - k * expert_steps * fps * config.batch) / (text_task.flops_per_sample() * config.router_batch)
+        ))  # fmt: skip
+        text_router = Trained(
+            text_task, _recipe(config, text_router_steps, seed, config.router_batch), d / "text_router", device
+        )
     ev = EvalConfig(
         n=config.n, steps=config.sample_steps, seed=seed, device=str(device), guidance_scale=config.guidance,
         batch_size=100 if config.video else 250,
@@ -260,7 +273,7 @@ def run_seed(
     # 3. Train both sides in stages and evaluate them at each fraction of the budget (the last one is the budget).
     for j in range(1, config.curve_points + 1):
         fraction = j / config.curve_points
-        for model in [mono, *fm, router]:
+        for model in [mono, *fm, router, *([text_router] if text_router else [])]:
             model.advance(fraction)
         last = j == config.curve_points
         mono_row = evaluate(ModelSampler(mono.model, "fm", "monolith", mono_info), reference, ev)[0]
@@ -283,6 +296,14 @@ def run_seed(
                 for name in ("calibrated_top1", "calibrated_top2", "calibrated"):
                     routing = "calibrated" if name == "calibrated" else name.replace("_", ":")
                     rows[name] = {**by_routing[routing], "train_flops": ens_flops}
+            if text_router is not None:
+                text_rows = evaluate(_ensemble(fm, ["fm"] * k, text_router, pipe_config), reference,
+                                     dataclasses.replace(ev, routings=("top1", "top2", "full")))  # fmt: skip
+                text_flops = sum(e.flops for e in fm) + text_router.flops
+                for r in text_rows:
+                    rows[f"text_{r['routing']}"] = {**r, "train_flops": text_flops}
+                on_row(f"seed {seed}: text-aware router: " + ", ".join(
+                    f"{r['routing']} {r['fid']:.3f}" for r in text_rows))  # fmt: skip
         on_row(
             f"seed {seed}, {fraction:.2f} of budget: monolith FID {mono_row['fid']:.3f}, ensemble "
             f"{config.routing} FID {by_routing[config.routing]['fid']:.3f}"
@@ -374,6 +395,8 @@ def run_seed(
     on_row(f"seed {seed}: " + ", ".join(f"{name} {rows[name]['fid']:.3f}" for name in CONFIGS if name in rows))
     if samples_dir is not None and config.video:
         save_video_samples(_ensemble(fm, ["fm"] * k, router, pipe_config), samples_dir, 30, max(config.guidance, 3.0))
+        save_video_samples(_ensemble(fm, ["fm"] * k, text_router, pipe_config), samples_dir, 30,
+                           max(config.guidance, 3.0), stem="video_samples_text_router")  # fmt: skip
     return {"rows": rows, "curve": curve, "expert_steps": expert_steps, "router_steps": router_steps,
             "samplers": sweep, "router_flops": router_flops, "budget": budget,
             "cluster_sizes": torch.bincount(km).tolist()}  # fmt: skip

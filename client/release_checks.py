@@ -37,16 +37,14 @@ class RecipeChecks:
 
         m = self.manifest
         if unit == "router":
-            from dataclasses import asdict
-
             from isles.router.model import RouterModel, router_config
 
-            r = m.router
-            c, res = m.experts[0].channels, m.experts[0].resolution
-            num_classes = m.experts[0].num_classes if r.class_conditional else None
-            config = router_config(r.preset, len(m.shards), c, res, num_classes, m.experts[0].frames)
+            r, e = m.router, m.experts[0]
+            num_classes = e.num_classes if r.class_conditional else None
+            text_dim = e.text_width if r.text_aware else None
+            config = router_config(r.preset, len(m.shards), e.channels, e.resolution, num_classes, e.frames, text_dim)
             with torch.device("meta"):
-                return RouterModel(config), {"_class_name": "IslesRouter", **asdict(config)}
+                return RouterModel(config), config.saved()
         from isles.experts.presets import _instantiate, model_config
 
         r = m.experts[unit_index(unit)]

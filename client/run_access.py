@@ -182,6 +182,7 @@ def make_router_task(manifest, shards: dict):
         [shards[i] for i in sorted(shards)],
         preset=recipe.preset,
         conditional=recipe.class_conditional,
+        text_aware=recipe.text_aware,
         max_items_per_shard=recipe.items_per_shard,
         recipe=recipe.dict(),
     )

@@ -97,6 +97,9 @@ class RouterRecipe(TrainingRecipe):
     preset: StrictStr
     # r(x_t, t, c) when the data has labels: k-means clusters mix classes, so the router must see the class asked for.
     class_conditional: StrictBool = True
+    # r(x_t, t, caption) for a text run (`partition --router-text`): the router also reads the prompt's pooled
+    # embedding. The papers' router does not; false keeps their design and the records of older runs.
+    text_aware: StrictBool = False
     # Train on at most this many items of each shard (None: all); the router costs a few % of the experts' FLOPs.
     items_per_shard: PositiveInt | None = None
 

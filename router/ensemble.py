@@ -90,6 +90,16 @@ class EnsemblePipeline(DiffusionPipeline):
             raise IslesError("the ensemble has no experts", hint="publish at least one expert before sampling")
         self.experts = dict(sorted(experts.items()))
         self._ensemble_config = dict(config or {})
+        text_dim = router.config.text_dim
+        if text_dim is not None:  # a text-aware router reads the prompts' embeddings: they must be its width
+            encoder = self._ensemble_config.get("text_encoder") or {}
+            width = encoder.get("width") if isinstance(encoder, dict) else None
+            if width != text_dim:
+                raise IslesError(
+                    f"the router reads {text_dim}-wide caption embeddings, but the ensemble's text encoder "
+                    f"gives {width or 'none'}",
+                    hint="assemble the router trained on this ensemble's captions",
+                )
         self._text_encoder = None  # loaded on the first prompt
         self._vae = None  # loaded on the first decode
         self.register_modules(router=router.eval(), **{expert_dir(i): e.model for i, e in self.experts.items()})
@@ -259,8 +269,9 @@ class EnsemblePipeline(DiffusionPipeline):
         with self.progress_bar(total=calls_per_sample(solver, steps)) as bar:
 
             def route(x: torch.Tensor, t: torch.Tensor, c) -> torch.Tensor:
-                # The router sees a class when it is class-aware (None is unconditional routing), never text.
-                return self.router(x, t, c if isinstance(c, torch.Tensor) else None)
+                # A class-aware router reads the class (None: unconditional routing), a text-aware one the prompt;
+                # the papers' router neither (RouterModel ignores what it was not trained on).
+                return self.router(x, t, c)
 
             result = sample_ensemble(
                 fns,

@@ -1,4 +1,5 @@
-"""The router: a small timestep- (and class-) conditioned CNN r(x_t, t[, c]) -> K logits over the experts.
+"""The router: a small timestep-conditioned CNN r(x_t, t[, c]) -> K logits over the experts, where c is the class or,
+for a text-aware router, the caption (its token embeddings mean-pooled, as MiniLM's sentence embedding is).
 Clips [C, F, H, W] enter with their frames stacked as channels (early fusion): the first convolution sees motion.
 
 It predicts which cluster the clean item of a noisy input came from. Saved as `config.json` + `model.safetensors`.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from isles.experts.conditioning import TextCondition
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_bytes, atomic_write_json
 
@@ -34,6 +36,17 @@ class RouterConfig:
     stages: int = 2
     embed_dim: int = 128
     frames: int | None = None  # clips: frames per clip (items [C, F, H, W]); None: images
+    # Text-aware: the width of the caption embeddings the router reads (None: it never sees the caption, as in the
+    # papers). Motion and content clusters are hard to tell from a nearly pure-noise clip, and trivial from a prompt.
+    text_dim: int | None = None
+
+    def saved(self) -> dict:
+        """config.json's keys. A text-blind router omits text_dim, so its config is the same as before text-aware
+        routers existed (aggregators compare the keys exactly, and older releases lack it)."""
+        out = {"_class_name": "IslesRouter", **asdict(self)}
+        if self.text_dim is None:
+            del out["text_dim"]
+        return out
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -64,8 +77,15 @@ class _Block(nn.Module):
         return h + self.skip(x)
 
 
+def pooled_text(condition: TextCondition) -> torch.Tensor:
+    """The mean of a caption's real token embeddings [B, D] (padding excluded)."""
+    mask = condition.mask.to(condition.emb.dtype)[..., None]
+    return (condition.emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class RouterModel(nn.Module):
-    """r(x_t, t[, c]) -> logits [B, K]. Class index `num_classes` (or labels None) means "no class given"."""
+    """r(x_t, t[, c]) -> logits [B, K]. c: class labels (index `num_classes`, or None, means "no class given"), or
+    a TextCondition for a text-aware router (None: no caption, a zero pooled embedding as in training's dropout)."""
 
     def __init__(self, config: RouterConfig):
         super().__init__()
@@ -74,6 +94,9 @@ class RouterModel(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         # One extra row: the null class, for unconditional sampling from a class-aware router.
         self.class_embed = nn.Embedding(config.num_classes + 1, d) if config.num_classes else None
+        self.text_proj = (
+            nn.Sequential(nn.Linear(config.text_dim, d), nn.SiLU(), nn.Linear(d, d)) if config.text_dim else None
+        )
         self.stem = nn.Conv2d(config.in_channels * (config.frames or 1), config.width, 3, padding=1)
         blocks, channels = [], config.width
         for stage in range(config.stages):
@@ -83,14 +106,21 @@ class RouterModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(channels + d, config.num_experts))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition=None) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.config.embed_dim))
+        class_labels = condition if isinstance(condition, torch.Tensor) else None
         if self.class_embed is not None:
             if class_labels is None:
                 class_labels = torch.full((x_t.shape[0],), self.config.num_classes, device=x_t.device)
             emb = emb + self.class_embed(class_labels.long())
+        if self.text_proj is not None:
+            if isinstance(condition, TextCondition):
+                pooled = pooled_text(condition.to(x_t.device))
+            else:
+                pooled = torch.zeros(x_t.shape[0], self.config.text_dim, device=x_t.device)
+            emb = emb + self.text_proj(pooled)
         if x_t.ndim == 5:  # [B, C, F, H, W] -> [B, C * F, H, W]
             x_t = x_t.flatten(1, 2)
         h = self.stem(x_t)
@@ -109,7 +139,7 @@ class RouterModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_write_bytes(folder / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
-        atomic_write_json(folder / CONFIG_NAME, {"_class_name": "IslesRouter", **asdict(self.config)})
+        atomic_write_json(folder / CONFIG_NAME, self.config.saved())
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> RouterModel:
@@ -143,10 +173,16 @@ ROUTER_PRESETS: dict[str, dict[str, int]] = {
 
 
 def router_config(
-    preset: str, num_experts: int, channels: int, resolution: int, num_classes: int | None, frames: int | None = None
+    preset: str,
+    num_experts: int,
+    channels: int,
+    resolution: int,
+    num_classes: int | None,
+    frames: int | None = None,
+    text_dim: int | None = None,
 ) -> RouterConfig:
     """The RouterConfig of a named preset for data of this shape (clips of `frames` frames; class-aware when
-    num_classes is given)."""
+    num_classes is given, text-aware when text_dim is)."""
     if preset not in ROUTER_PRESETS:
         raise IslesError(f"unknown router preset {preset!r}", hint=f"use one of: {', '.join(ROUTER_PRESETS)}")
     return RouterConfig(
@@ -155,5 +191,6 @@ def router_config(
         resolution=resolution,
         num_classes=num_classes,
         frames=frames,
+        text_dim=text_dim,
         **ROUTER_PRESETS[preset],
     )

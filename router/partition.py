@@ -58,6 +58,7 @@ class PartitionConfig:
     router_steps: int = 2000
     router_batch: int = 128
     router_lr: float = 1e-3
+    router_text: bool = False  # text runs: the router also reads the prompt (the papers' does not)
     description: str = ""
     device: str | None = None  # for DINOv2 / CLIP encoders, the VAE and the text encoder; default: the best available
     # What the experts are conditioned on: "class" (labelled data), "text" (captions), "none"; None: class if labelled.
@@ -190,6 +191,10 @@ def partition(config: PartitionConfig, on_progress: Callable[[str, int, int], No
     if config.conditioning not in (None, "class", "text", "none"):
         raise IslesError(f"unknown conditioning {config.conditioning!r}", hint="use class, text or none")
     text = config.conditioning == "text"
+    if config.router_text and not text:
+        raise IslesError(
+            "a text-aware router (--router-text) needs captions", hint="add --conditioning text, or leave it out"
+        )
     device = pick_device(config.device)
     source = open_batches(
         SourceOptions(
@@ -478,8 +483,9 @@ def _manifest(
         ema_decay=0.999,
         seed=config.seed,
         # Class-aware router r(x_t, t, c) when the experts take a class: k-means clusters mix classes. A text run's
-        # router sees x_t and t only, as in the papers.
+        # router sees x_t and t only, as in the papers, unless the run asks for a text-aware one.
         class_conditional=conditioning == "class",
+        text_aware=bool(config.router_text),
     )
     shards = [
         ShardRef(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from isles.experts.conditioning import TextCondition
 from isles.experts.data import item_layout, to_model_space
 from isles.protocol.errors import IslesError
 from isles.protocol.files import atomic_write_json
@@ -35,7 +36,8 @@ class RouterTask:
     preset: str = "cnn-small"
     max_items_per_shard: int | None = None  # a sample of every shard is enough (the router is ~4% of the compute)
     conditional: bool = True  # class-aware when the data has labels: clusters mix classes
-    label_dropout: float = 0.1  # some steps without the class, so unconditional sampling still routes well
+    text_aware: bool = False  # reads the caption (pooled) when the data has text; the papers' router does not
+    label_dropout: float = 0.1  # some steps without the class or caption, so unconditional sampling still routes
     recipe: dict[str, Any] = field(default_factory=dict)  # recorded in router.json
 
     def __post_init__(self) -> None:
@@ -47,6 +49,12 @@ class RouterTask:
         self.num_experts = len(self.shards)
         has_labels = all(s.labels is not None for s in self.shards)
         self.num_classes = self.shards[0].num_classes if (self.conditional and has_labels) else None
+        if self.text_aware and not all(s.has_text for s in self.shards):
+            raise IslesError(
+                "a text-aware router needs captioned shards, and these have no text",
+                hint="partition a captioned source, or train the router without --router-text",
+            )
+        self.text_dim = self.shards[0].text.shape[2] if self.text_aware else None
         train, val = [], []
         for shard in self.shards:
             tr, va = shard.train_split(), shard.val_split()
@@ -55,7 +63,8 @@ class RouterTask:
             train.append(tr)
             val.append(va)
         # Items stay in their shard files (read per batch): memory does not grow with the shards' size.
-        self._train, self._val = _Rows(train, self.num_classes), _Rows(val, self.num_classes)
+        self._train = _Rows(train, self.num_classes, self.text_aware)
+        self._val = _Rows(val, self.num_classes, self.text_aware)
         if len(self._train) == 0:
             raise IslesError("the shards have no training items for the router")
 
@@ -67,13 +76,14 @@ class RouterTask:
             "num_experts": self.num_experts,
             "shape": list(self.shards[0].shape),
             "num_classes": self.num_classes,
+            "text_dim": self.text_dim,
             "label_dropout": self.label_dropout,
             "train_items": len(self._train),
         }
 
     def config(self):
         c, frames, h, _ = item_layout(self.shards[0].shape)
-        return router_config(self.preset, self.num_experts, c, h, self.num_classes, frames)
+        return router_config(self.preset, self.num_experts, c, h, self.num_classes, frames, self.text_dim)
 
     def build_model(self) -> torch.nn.Module:
         return RouterModel(self.config())
@@ -88,9 +98,12 @@ class RouterTask:
 
         model = self.build_model()
         x = torch.zeros(2, *self.shards[0].shape)
-        labels = torch.zeros(2, dtype=torch.long) if self.num_classes is not None else None
+        condition = torch.zeros(2, dtype=torch.long) if self.num_classes is not None else None
+        if self.text_aware:
+            length = self.shards[0].text.shape[1]
+            condition = TextCondition(torch.zeros(2, length, self.text_dim), torch.ones(2, length))
         with FlopCounterMode(display=False) as counter:
-            model(x, torch.full((2,), 0.5), labels).sum().backward()
+            model(x, torch.full((2,), 0.5), condition).sum().backward()
         return int(counter.get_total_flops()) // 2
 
     def make_batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -99,13 +112,16 @@ class RouterTask:
         eps = torch.randn(x0.shape, generator=generator)
         te = t.reshape(-1, *([1] * (x0.ndim - 1)))
         batch = {"x_t": (1 - te) * x0 + te * eps, "t": t, "target": self._train.cluster[indices]}
+        drop = torch.rand(len(indices), generator=generator) < self.label_dropout
         if self.num_classes is not None:
-            drop = torch.rand(len(indices), generator=generator) < self.label_dropout
             batch["labels"] = torch.where(drop, self.num_classes, self._train.labels[indices])  # the null class
+        if self.text_aware:
+            text = self._train.text(indices)
+            batch["text"], batch["text_mask"] = text.emb, text.mask * (~drop)[:, None]  # no real token: zero pooled
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(batch["x_t"], batch["t"], batch.get("labels"))
+        logits = model(batch["x_t"], batch["t"], _condition(batch))
         return F.cross_entropy(logits.float(), batch["target"])
 
     @torch.no_grad()
@@ -115,8 +131,10 @@ class RouterTask:
         if n == 0:
             return {"val_items": 0}
         idx = torch.linspace(0, len(self._val) - 1, n).round().long()  # spread over every shard
-        labels = self._val.labels[idx] if self.num_classes is not None else None
-        report = router_accuracy(model, self._val.items(idx), self._val.cluster[idx], labels, device, VAL_TIMES)
+        condition = self._val.labels[idx] if self.num_classes is not None else None
+        if self.text_aware:
+            condition = self._val.text(idx)
+        report = router_accuracy(model, self._val.items(idx), self._val.cluster[idx], condition, device, VAL_TIMES)
         return {
             "val_items": n,
             "val_loss": report["loss"],
@@ -134,6 +152,7 @@ class RouterTask:
                 "preset": self.preset,
                 "num_experts": self.num_experts,
                 "num_classes": self.num_classes,
+                "text_aware": self.text_aware,
                 "label_dropout": self.label_dropout,
                 "recipe": self.recipe,
                 "metrics": metrics,
@@ -141,11 +160,19 @@ class RouterTask:
         )
 
 
+def _condition(batch: dict[str, torch.Tensor]):
+    """What the router is conditioned on in a batch: the class labels, the caption, or nothing."""
+    if "text" in batch:
+        return TextCondition(batch["text"], batch["text_mask"])
+    return batch.get("labels")
+
+
 class _Rows:
     """The items of several shards as one indexable set: (shard, row) per position, items read on demand."""
 
-    def __init__(self, parts: Sequence[Any], num_classes: int | None):
+    def __init__(self, parts: Sequence[Any], num_classes: int | None, with_text: bool = False):
         self.parts = list(parts)
+        self.with_text = with_text
         sizes = [len(p) for p in self.parts]
         self.cluster = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(sizes)])
         self.row = torch.cat([torch.arange(n) for n in sizes])
@@ -166,18 +193,31 @@ class _Rows:
             out[where] = to_model_space(self.parts[k].items[rows[where]])
         return out
 
+    def text(self, index: torch.Tensor) -> TextCondition:
+        """The captions at `index` (in order): token embeddings and masks, read shard by shard."""
+        first = self.parts[0]
+        emb = torch.empty(len(index), *first.text.shape[1:])
+        mask = torch.empty(len(index), first.text_mask.shape[1])
+        clusters, rows = self.cluster[index], self.row[index]
+        for k in clusters.unique().tolist():
+            where = (clusters == k).nonzero(as_tuple=True)[0]
+            emb[where] = self.parts[k].text[rows[where]].float()
+            mask[where] = self.parts[k].text_mask[rows[where]].float()
+        return TextCondition(emb, mask)
+
 
 @torch.no_grad()
 def router_accuracy(
     model: torch.nn.Module,
     x0: torch.Tensor,
     clusters: torch.Tensor,
-    labels: torch.Tensor | None,
+    condition,
     device: torch.device | str = "cpu",
     times: Sequence[float] = VAL_TIMES,
     seed: int = VAL_SEED,
 ) -> dict[str, Any]:
-    """Accuracy of the router at predicting the cluster of x0 from x_t = (1-t) x0 + t eps, at each t in `times`."""
+    """Accuracy of the router at predicting the cluster of x0 from x_t = (1-t) x0 + t eps, at each t in `times`;
+    `condition`: the items' class labels, captions (a TextCondition), or None."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -189,8 +229,8 @@ def router_accuracy(
             eps = torch.randn(x.shape, generator=generator)
             t = torch.full((x.shape[0],), float(t_value))
             x_t = (1 - t_value) * x + t_value * eps
-            lab = None if labels is None else labels[start : start + 256].to(device)
-            logits = model(x_t.to(device), t.to(device), lab).float().cpu()
+            cond = None if condition is None else condition[start : start + 256].to(device)
+            logits = model(x_t.to(device), t.to(device), cond).float().cpu()
             target = clusters[start : start + 256]
             losses.append(F.cross_entropy(logits, target, reduction="sum").item())
             correct += int((logits.argmax(-1) == target).sum())

@@ -105,6 +105,7 @@ def test_cli_partition_prints_run_id_table_and_strips(tmp_path):
         (["digits", "--experts", "5000"], "Error: cannot make 5000 clusters from 1797 items"),
         (["digits", "--experts", "4", "--objectives", "sgd"], "Error: unknown objectives 'sgd'"),
         (["/no/such/folder", "--experts", "2"], "Error: unknown data source"),
+        (["digits", "--experts", "2", "--router-text"], "Error: a text-aware router (--router-text) needs captions"),
     ],
 )
 def test_cli_partition_bad_input_is_one_error_line(tmp_path, args, message):

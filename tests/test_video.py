@@ -75,12 +75,12 @@ def test_wan_presets_fit_clips_and_refuse_images():
 def video_run(tmp_path_factory):
     """procedural-video:80 at 8 frames of 16x16 in 2 shards, Wan-tiny experts and a router trained a few steps, and
     the assembled ensemble saved in the published layout."""
+    from isles.client.run_access import make_router_task
     from isles.experts.data import load_shard
     from isles.experts.expert import ExpertTask
     from isles.experts.trainer import TrainRecipe, train
     from isles.router.ensemble import EnsemblePipeline
     from isles.router.partition import PartitionConfig, partition
-    from isles.router.router_task import RouterTask
 
     tmp = tmp_path_factory.mktemp("video-run")
     result = partition(
@@ -100,6 +100,7 @@ def video_run(tmp_path_factory):
             router_preset="cnn-tiny",
             router_steps=6,
             router_batch=8,
+            router_text=True,
         )  # fmt: skip
     )
     refs = result.manifest.shards
@@ -111,7 +112,8 @@ def video_run(tmp_path_factory):
         out = train(task, recipe, tmp / f"e{i}", device="cpu")
         assert out.completed and out.metrics["val_loss"] > 0
         folders[i] = out.export_dir
-    router = train(RouterTask(shards, preset="cnn-tiny", conditional=False), recipe, tmp / "router", device="cpu")
+    # The router as a volunteer trains it from the manifest's recipe: text-aware, as this run asked.
+    router = train(make_router_task(result.manifest, dict(enumerate(shards))), recipe, tmp / "router", device="cpu")
     pipe = EnsemblePipeline.assemble(folders, router.export_dir)
     pipe.save_pretrained(tmp / "ensemble")
     return tmp, result, shards, folders
@@ -125,7 +127,7 @@ def test_partition_clusters_clips_into_lazy_clip_shards(video_run):
     assert sum(result.sizes) == 80 and all(size > 0 for size in result.sizes)
     assert all(e.frames == 8 and e.resolution == 16 and e.channels == 3 for e in m.experts)
     assert all(e.conditioning == "text" and e.text_width == 384 for e in m.experts)
-    assert m.router.class_conditional is False
+    assert m.router.class_conditional is False and m.router.text_aware is True
     assert isinstance(shards[0].items, LazyColumn) and tuple(shards[0].shape) == (3, 8, 16, 16)
     assert shards[0].frames == 8 and shards[0].items[:2].shape == (2, 3, 8, 16, 16)
     assert "clips" in m.description and "3x8x16x16" in m.description
@@ -135,6 +137,7 @@ def test_wan_experts_export_plain_diffusers_folders_and_the_ensemble_samples_cli
     from diffusers import WanTransformer3DModel
 
     from isles.experts.expert import read_expert_info
+    from isles.protocol.errors import IslesError
     from isles.router.ensemble import EnsemblePipeline
     from isles.router.sampling import parse_routing
 
@@ -153,6 +156,15 @@ def test_wan_experts_export_plain_diffusers_folders_and_the_ensemble_samples_cli
     assert torch.equal(again.images, first.images)  # seeded
     other = pipe(prompt=["a green 7 shrinking"] * 2, routing="top1", steps=3, seed=0, guidance_scale=3.0)
     assert not torch.allclose(other.images, first.images)  # the prompt reaches the experts
+    # The text-aware router (the run's --router-text) passes the aggregator's config check against the recipe.
+    from isles.client.release_checks import RecipeChecks
+
+    _, result, _, _ = video_run
+    assert pipe.router.config.text_dim == 384
+    assert RecipeChecks(result.manifest).check_config("router", tmp / "router" / "model") is None
+    narrower = {**pipe.config, "text_encoder": {**pipe.config["text_encoder"], "width": 16}}
+    with pytest.raises(IslesError, match="reads 384-wide caption embeddings"):
+        EnsemblePipeline(pipe.experts, pipe.router, narrower)
     # A partial ensemble (expert_1 missing) samples with the router renormalised over expert_0.
     partial = EnsemblePipeline.assemble({0: folders[0]}, tmp / "router" / "model")
     out = partial(prompt=prompts, routing="top2", steps=2, seed=0, return_routing=True)
@@ -416,7 +428,8 @@ def test_iso_flop_video_quick_compares_clip_ensembles_at_equal_flops(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "iso_flop_video_quick.json").read_text())
     budget = result["monolith"]["train_flops"]
-    for name in ("monolith", "top1", "top2", "full", "hetero", "random_shards"):
+    # text_*: the same experts under a text-aware router, trained on the same share of the budget.
+    for name in ("monolith", "top1", "top2", "full", "hetero", "random_shards", "text_top1", "text_full"):
         assert abs(result[name]["train_flops"] - budget) <= 0.05 * budget, name  # iso-FLOP, router included
         assert result[name]["fid_mean"] > result["fid_floor"]
     row = result["per_seed"][0]["rows"]["top1"]

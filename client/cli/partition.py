@@ -40,6 +40,9 @@ def partition(
     lr: float = typer.Option(2e-4, "--lr", help="Expert learning rate."),
     router_preset: str = typer.Option("cnn-small", "--router-preset", help="cnn-tiny, cnn-small or cnn-base."),
     router_steps: int = typer.Option(2000, "--router-steps", min=1, help="Training steps of the router."),
+    router_text: bool = typer.Option(
+        False, "--router-text", help="Text runs: the router also reads the prompt (the papers' router does not)."
+    ),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of every cluster held out."),
     seed: int = typer.Option(0, "--seed", help="Seed of the encoder fit, k-means, splits and recipes."),
     conditioning: str = typer.Option(
@@ -128,6 +131,7 @@ def partition(
         lr=lr,
         router_preset=router_preset,
         router_steps=router_steps,
+        router_text=router_text,
         conditioning=conditioning,
         text_encoder=text_encoder,
         text_max_length=text_max_length,
