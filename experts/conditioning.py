@@ -1,6 +1,7 @@
 """What an expert is conditioned on besides x_t and t: a class label (a long tensor) or a caption's token embeddings
 (`TextCondition`). Both index, move and concatenate the same way, so the sampler and classifier-free guidance treat
-them alike; the router never sees either (as in the papers)."""
+them alike. The papers' router sees neither; isles' reads the class, and the caption when a run asks for it
+(router/model.py)."""
 
 from __future__ import annotations
 

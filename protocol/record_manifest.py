@@ -100,6 +100,15 @@ class RouterRecipe(TrainingRecipe):
     # r(x_t, t, caption) for a text run (`partition --router-text`): the router also reads the prompt's pooled
     # embedding. The papers' router does not; false keeps their design and the records of older runs.
     text_aware: StrictBool = False
+
+    def dict(self, **kwargs) -> dict:
+        # Left out while false: a manifest's run_id hashes this dict, and manifests from before text-aware routers
+        # have no such key; with it, every run published until then would no longer match its own id.
+        out = super().dict(**kwargs)
+        if not out.get("text_aware", True):
+            del out["text_aware"]
+        return out
+
     # Train on at most this many items of each shard (None: all); the router costs a few % of the experts' FLOPs.
     items_per_shard: PositiveInt | None = None
 
@@ -182,6 +191,8 @@ class RunManifest(Record):
         for e in values["experts"]:
             if e.conditioning == "text" and (encoder is None or e.text_width != encoder.width):
                 raise ValueError("text-conditioned experts need the manifest's text_encoder, of their text_width")
+        if values["router"].text_aware and not all(e.conditioning == "text" for e in values["experts"]):
+            raise ValueError("a text-aware router needs text-conditioned experts (captions to read)")
         expected = compute_run_id(_plain({k: v for k, v in values.items() if k not in UNHASHED}))
         if values["run_id"] != expected:
             raise ValueError(f"run_id {values['run_id']!r} does not match the manifest's content ({expected})")

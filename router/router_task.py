@@ -63,8 +63,7 @@ class RouterTask:
             train.append(tr)
             val.append(va)
         # Items stay in their shard files (read per batch): memory does not grow with the shards' size.
-        self._train = _Rows(train, self.num_classes, self.text_aware)
-        self._val = _Rows(val, self.num_classes, self.text_aware)
+        self._train, self._val = _Rows(train, self.num_classes), _Rows(val, self.num_classes)
         if len(self._train) == 0:
             raise IslesError("the shards have no training items for the router")
 
@@ -76,9 +75,10 @@ class RouterTask:
             "num_experts": self.num_experts,
             "shape": list(self.shards[0].shape),
             "num_classes": self.num_classes,
-            "text_dim": self.text_dim,
             "label_dropout": self.label_dropout,
             "train_items": len(self._train),
+            # Only when set: checkpoints of a text-blind router keep the identity they had before text-aware ones.
+            **({"text_dim": self.text_dim} if self.text_dim is not None else {}),
         }
 
     def config(self):
@@ -112,12 +112,16 @@ class RouterTask:
         eps = torch.randn(x0.shape, generator=generator)
         te = t.reshape(-1, *([1] * (x0.ndim - 1)))
         batch = {"x_t": (1 - te) * x0 + te * eps, "t": t, "target": self._train.cluster[indices]}
+        if self.num_classes is None and not self.text_aware:
+            return batch  # nothing to drop: no draw, so a text-blind router's data stream is what it always was
         drop = torch.rand(len(indices), generator=generator) < self.label_dropout
         if self.num_classes is not None:
             batch["labels"] = torch.where(drop, self.num_classes, self._train.labels[indices])  # the null class
-        if self.text_aware:
+        if self.text_aware:  # a dropped caption becomes the empty one, what a prompt of "" embeds to
             text = self._train.text(indices)
-            batch["text"], batch["text_mask"] = text.emb, text.mask * (~drop)[:, None]  # no real token: zero pooled
+            null_emb, null_mask = (v.float() for v in self.shards[0].null_text)
+            batch["text"] = torch.where(drop[:, None, None], null_emb, text.emb)
+            batch["text_mask"] = torch.where(drop[:, None], null_mask, text.mask)
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -170,9 +174,8 @@ def _condition(batch: dict[str, torch.Tensor]):
 class _Rows:
     """The items of several shards as one indexable set: (shard, row) per position, items read on demand."""
 
-    def __init__(self, parts: Sequence[Any], num_classes: int | None, with_text: bool = False):
+    def __init__(self, parts: Sequence[Any], num_classes: int | None):
         self.parts = list(parts)
-        self.with_text = with_text
         sizes = [len(p) for p in self.parts]
         self.cluster = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(sizes)])
         self.row = torch.cat([torch.arange(n) for n in sizes])

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,10 +22,10 @@ from isles.protocol.errors import IslesError
 
 from .calibration import Reliability, calibrated_probabilities
 
-# velocity_fn(x_t [B,...], t [B], class_labels [B] | None) -> v [B,...]
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-# router_fn(x_t, t, class_labels) -> logits [B, K]
-RouterFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# velocity_fn(x_t [B,...], t [B], condition) -> v [B,...]; condition: class labels [B], a TextCondition, or None
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+# router_fn(x_t, t, condition) -> logits [B, K] (the router may ignore the condition, as the papers' does)
+RouterFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 ROUTING_HELP = (
     "top1, top2, topk:K, full, or threshold:P (every expert with p >= P, at least the most probable); "

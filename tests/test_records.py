@@ -30,7 +30,9 @@ _OWNER = ephemeral_identity()
 _OWNER.forget_key_file()
 
 
-def make_manifest(num_shards: int = 2, name: str = "test-run", owner=None, aggregators=()) -> RunManifest:
+def make_manifest(
+    num_shards: int = 2, name: str = "test-run", owner=None, aggregators=(), router_text: bool = False
+) -> RunManifest:
     """A small valid manifest signed by `owner` (an Identity; a throwaway one by default); other tests import it."""
     return RunManifest.create(
         signer=owner or _OWNER,
@@ -54,7 +56,7 @@ def make_manifest(num_shards: int = 2, name: str = "test-run", owner=None, aggre
             ExpertRecipe(preset="unet-tiny", channels=1, resolution=8, steps=20, global_batch=8, lr=1e-3)
             for _ in range(num_shards)
         ],
-        router=RouterRecipe(preset="router-tiny", steps=20, global_batch=8, lr=1e-3),
+        router=RouterRecipe(preset="router-tiny", steps=20, global_batch=8, lr=1e-3, text_aware=router_text),
     )
 
 
@@ -123,6 +125,18 @@ def test_identity_persists_with_private_files(tmp_path):
     os.chmod(folder / "signing.key", 0o600)
     with pytest.raises(IslesError, match="damaged"):
         load_identity(folder)
+
+
+def test_manifests_from_before_text_aware_routers_keep_their_run_id():
+    """A text-blind router recipe serialises without text_aware, as every manifest did before text-aware routers
+    existed: those manifests (their run_id hashes that form) still load; a text-aware router needs captions."""
+    manifest = make_manifest()
+    value = manifest.to_value()
+    assert "text_aware" not in value["router"]
+    reloaded = RunManifest.parse_obj(value)
+    assert reloaded.run_id == manifest.run_id and reloaded.router.text_aware is False
+    with pytest.raises(pydantic.ValidationError, match="text-aware router needs text-conditioned experts"):
+        make_manifest(router_text=True)
 
 
 def test_a_manifest_is_signed_by_the_owner_it_names_who_names_the_aggregators():

@@ -105,7 +105,7 @@ def _captioned_shards(k: int = 2, n: int = 192, width: int = 24, length: int = 6
                 meta={"num_classes": None, "source": "test"},
                 text=(text * mask[..., None]).to(torch.float16),
                 text_mask=mask,
-                null_text=(torch.zeros(length, width, dtype=torch.float16), torch.zeros(length, dtype=torch.uint8)),
+                null_text=(torch.full((length, width), 0.5, dtype=torch.float16), (torch.arange(length) < 1).byte()),
             )
         )
     return shards
@@ -131,8 +131,10 @@ def test_text_aware_router_routes_by_the_prompt_where_the_noisy_item_cannot_tell
     first = TextCondition.from_rows(shards[0].text[:4], shards[0].text_mask[:4])
     second = TextCondition.from_rows(shards[1].text[:4], shards[1].text_mask[:4])
     assert (router(x, t, first).argmax(-1) == 0).all() and (router(x, t, second).argmax(-1) == 1).all()
-    no_caption = TextCondition(first.emb, torch.zeros_like(first.mask))
-    torch.testing.assert_close(router(x, t, None), router(x, t, no_caption))
+    # A dropped caption is the empty caption (what a prompt of "" embeds to), as for the experts.
+    dropped = RouterTask(shards, preset="cnn-tiny", text_aware=True, label_dropout=1.0)
+    batch = dropped.make_batch(torch.arange(4), torch.Generator().manual_seed(0))
+    assert (batch["text"] == 0.5).all() and batch["text_mask"].tolist() == [[1, 0, 0, 0, 0, 0]] * 4
     # A text-blind router's config.json is what it was before text-aware routers (no text_dim key).
     assert "text_dim" not in json.loads((blind.export_dir / "config.json").read_text())
 

@@ -162,6 +162,9 @@ def test_wan_experts_export_plain_diffusers_folders_and_the_ensemble_samples_cli
     _, result, _, _ = video_run
     assert pipe.router.config.text_dim == 384
     assert RecipeChecks(result.manifest).check_config("router", tmp / "router" / "model") is None
+    # ... and the pipeline hands it the prompt: from the same noise, two prompts are routed differently at once.
+    a, b = (pipe(prompt=[p], routing="full", steps=2, seed=0, return_routing=True) for p in prompts)
+    assert not torch.equal(a.weights[0], b.weights[0])
     narrower = {**pipe.config, "text_encoder": {**pipe.config["text_encoder"], "width": 16}}
     with pytest.raises(IslesError, match="reads 384-wide caption embeddings"):
         EnsemblePipeline(pipe.experts, pipe.router, narrower)
