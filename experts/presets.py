@@ -1,7 +1,8 @@
 """Named model sizes: real diffusers models that adapt to the data's shape. Class-conditional or unconditional:
 UNet2DModel, DiTTransformer2DModel; text-conditioned (cross-attention to caption token embeddings):
 PixArtTransformer2DModel (adaLN-single, the shape of Paris 1.0's experts) and UNet2DConditionModel; text-to-video on
-clips [C, F, H, W]: WanTransformer3DModel (Wan 2.1's space-time transformer, flow matching, text cross-attention).
+clips [C, F, H, W]: WanTransformer3DModel (Wan 2.1's space-time transformer, flow matching, text cross-attention)
+and, for short clips, UNet2DConditionModel with the frames stacked as channels (unet-frames-*).
 
 `build_model("unet-tiny", channels=1, resolution=8, num_classes=10)`, `build_model("pixart-tiny", 4, 16,
 text_width=384)`; `model_forward(model, x, timestep, labels | TextCondition)`; `load_model(folder)`.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from isles.protocol.errors import IslesError
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "unet" or "dit" (class / unconditional), "pixart" or "unet-cond" (text)
+    family: str  # "unet" or "dit" (class / unconditional), "pixart" or "unet-cond" (text), "wan" or "unet-frames"
     # unet: base width, per-level multipliers, resnets per level, levels (from the finest) that get attention
     base: int = 0
     mults: tuple[int, ...] = ()
@@ -88,6 +89,33 @@ PRESETS: dict[str, Preset] = {
             ffn_dim=128,
             note="video; ~180k params, capacity-limited on a CPU",
         ),
+        # Text-to-video with a 2D UNet that sees a clip's frames stacked as channels: every output pixel sees the
+        # whole clip, so motion is learnt in a few thousand steps on a CPU where wan-micro and wan-tiny learn none.
+        # Frames cost channels, so it suits short clips (8-16 pixel frames, or a few latent frames), not Wan's length.
+        Preset(
+            "unet-frames-micro",
+            "unet-frames",
+            base=16,
+            mults=(1, 2, 2),
+            layers_per_block=1,
+            note="video; frames as channels, capacity-limited on a CPU",
+        ),
+        Preset(
+            "unet-frames-tiny",
+            "unet-frames",
+            base=32,
+            mults=(1, 2, 2),
+            layers_per_block=1,
+            note="video; frames as channels, trains on a CPU",
+        ),
+        Preset(
+            "unet-frames-small",
+            "unet-frames",
+            base=64,
+            mults=(1, 2, 2, 2),
+            layers_per_block=2,
+            note="video; frames as channels",
+        ),
         Preset("wan-small", "wan", layers=12, heads=6, head_dim=64, patch=2, ffn_dim=1536, note="video"),
         Preset("wan-base", "wan", layers=20, heads=12, head_dim=64, patch=2, ffn_dim=3072, note="video"),
         Preset(
@@ -102,8 +130,11 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
-TEXT_FAMILIES = ("pixart", "unet-cond", "wan")
-VIDEO_FAMILIES = ("wan",)
+TEXT_FAMILIES = ("pixart", "unet-cond", "wan", "unet-frames")
+VIDEO_FAMILIES = ("wan", "unet-frames")
+# A unet-frames model is a plain UNet2DConditionModel; this hidden config key (diffusers keeps keys that start with
+# "_" through save and load, and passes none of them to the constructor) records how many frames its channels hold.
+FRAMES_KEY = "_isles_frames"
 TEXT_CLASSES = ("PixArtTransformer2DModel", "UNet2DConditionModel", "WanTransformer3DModel")
 VIDEO_CLASSES = ("WanTransformer3DModel",)
 ALIASES = {"tiny": "unet-tiny", "small": "unet-small", "dit": "dit-tiny"}
@@ -153,7 +184,7 @@ def model_config(
             )
         raise IslesError(
             f"{p.name} is an image preset: the data holds clips of {frames} frames",
-            hint="pick a video preset: wan-micro, wan-tiny, wan-small, wan-base or wan-1.3b",
+            hint="pick a video preset: wan-* or unet-frames-*",
         )
     if num_classes is not None and num_classes < 1:
         raise IslesError(f"num_classes must be at least 1 (got {num_classes}); use None for unconditional models")
@@ -230,6 +261,9 @@ def _unet_blocks(p: Preset, resolution: int, attention: str) -> tuple[tuple[int,
 def _text_model_config(p: Preset, channels: int, resolution: int, text_width: int, frames: int | None = None) -> dict:
     if p.family == "wan":
         return _wan_config(p, channels, resolution, text_width, frames)
+    if p.family == "unet-frames":
+        folded = _text_model_config(replace(p, family="unet-cond"), channels * frames, resolution, text_width)
+        return {**folded, FRAMES_KEY: frames}
     if p.family == "pixart":
         if resolution % p.patch:
             raise IslesError(f"{p.name} uses {p.patch}x{p.patch} patches, which do not tile {resolution}x{resolution}")
@@ -331,8 +365,12 @@ def _model_classes() -> dict[str, type]:
 
 
 def _instantiate(config: dict) -> torch.nn.Module:
-    kwargs = {k: v for k, v in config.items() if k != "_class_name"}
-    return _prepare(_model_classes()[config["_class_name"]](**kwargs))
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = _model_classes()[config["_class_name"]](**kwargs)
+    hidden = {k: v for k, v in config.items() if k.startswith("_") and k != "_class_name"}
+    if hidden:
+        model.register_to_config(**hidden)
+    return _prepare(model)
 
 
 def _prepare(model: torch.nn.Module) -> torch.nn.Module:
@@ -368,7 +406,15 @@ def is_text_model(model: torch.nn.Module) -> bool:
 
 
 def is_video_model(model: torch.nn.Module) -> bool:
-    return type(model).__name__ in VIDEO_CLASSES
+    return type(model).__name__ in VIDEO_CLASSES or folded_frames(model) is not None
+
+
+def folded_frames(model: torch.nn.Module) -> int | None:
+    """The frame count of a unet-frames model (a 2D UNet whose channels hold a clip's frames); None for others."""
+    if type(model).__name__ != "UNet2DConditionModel":
+        return None
+    frames = model.config.get(FRAMES_KEY)
+    return frames if isinstance(frames, int) and frames > 0 else None
 
 
 def text_width_of(model: torch.nn.Module) -> int | None:
@@ -421,6 +467,16 @@ def model_forward(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tenso
         if is_video_model(model):
             if x.ndim != 5:
                 raise IslesError("this is a video model: it makes clips [C, F, H, W], not images")
+            frames = folded_frames(model)
+            if frames is not None:
+                b, c, f, h, w = x.shape
+                if f != frames:
+                    raise IslesError(f"this model makes clips of {frames} frames, not {f}")
+                out = model(
+                    x.reshape(b, c * f, h, w), timestep, encoder_hidden_states=text.emb,
+                    encoder_attention_mask=text.mask, return_dict=False,
+                )[0]  # fmt: skip
+                return out.reshape(b, c, f, h, w)
             # Wan has no attention mask: like its own pipeline, zero the caption's padding tokens instead.
             emb = text.emb * text.mask.to(text.emb.dtype)[:, :, None]
             return model(x, timestep, encoder_hidden_states=emb, return_dict=False)[0]
@@ -534,8 +590,10 @@ def preset_stats(
 
 def clip_shape(preset: str, latent_side: int = 32) -> tuple[int, int, int]:
     """(channels, frames, side) a video preset is measured at: the procedural set's 3x16x32x32 pixel clips for presets
-    with 2-frame patches (wan-micro, wan-tiny), else Wan 2.1's VAE latents of a 17-frame 256x256 clip, 16x5x32x32."""
-    return (3, 16, 32) if get_preset(preset).patch_frames > 1 else (16, 5, latent_side)
+    with 2-frame patches (wan-micro, wan-tiny) and unet-frames ones, else Wan 2.1's VAE latents of a 17-frame 256x256
+    clip, 16x5x32x32."""
+    p = get_preset(preset)
+    return (3, 16, 32) if p.patch_frames > 1 or p.family == "unet-frames" else (16, 5, latent_side)
 
 
 def describe_presets(

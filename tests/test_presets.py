@@ -17,6 +17,7 @@ from isles.experts.presets import (
     count_parameters,
     get_preset,
     is_text_preset,
+    is_video_model,
     is_video_preset,
     load_model,
     model_forward,
@@ -103,7 +104,8 @@ def test_every_text_preset_builds_trains_round_trips_and_reads_its_caption(name,
 
 @pytest.mark.parametrize("name", SWEPT_VIDEO)
 def test_every_video_preset_builds_trains_round_trips_and_reads_its_caption(name, tmp_path):
-    # wan-micro's 2x2x2 and wan-tiny's 2x4x4 patches take pixel clips; the others' 1x2x2 take VAE latents.
+    # wan-micro's 2x2x2 and wan-tiny's 2x4x4 patches take pixel clips; the others' 1x2x2 take VAE latents (and
+    # unet-frames-* takes either).
     channels, frames, resolution = (3, 4, 16) if get_preset(name).patch_frames > 1 else (4, 3, 8)
     width, tokens = 32, 6
     torch.manual_seed(0)
@@ -130,6 +132,23 @@ def test_every_video_preset_builds_trains_round_trips_and_reads_its_caption(name
         torch.testing.assert_close(model_forward(model, x, t, padded), out)
     with pytest.raises(IslesError, match="makes clips"):
         model_forward(model, x[:, :, 0], t, text)  # an image into a video model
+
+
+def test_a_unet_frames_expert_is_a_plain_diffusers_unet_that_knows_its_frame_count(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    model = build_model("unet-frames-micro", 3, 8, text_width=16, frames=4)
+    assert type(model) is UNet2DConditionModel and model.config.in_channels == 12
+    model.save_pretrained(tmp_path)
+    plain = UNet2DConditionModel.from_pretrained(tmp_path)  # what anyone outside isles loads: frames in channels
+    assert plain.config.in_channels == 12
+    loaded = load_model(tmp_path)
+    assert is_video_model(loaded) and not is_video_model(build_model("unet-cond-tiny", 3, 8, text_width=16))
+    text = TextCondition(torch.randn(1, 3, 16), torch.ones(1, 3))
+    with pytest.raises(IslesError, match="clips of 4 frames, not 2"):
+        model_forward(loaded, torch.randn(1, 3, 2, 8, 8), torch.ones(1), text)
+    with pytest.raises(IslesError, match="video preset"):
+        build_model("unet-frames-micro", 3, 8, text_width=16)  # images
 
 
 def test_text_and_class_presets_refuse_the_other_conditioning():

@@ -106,7 +106,10 @@ def partition(
     video = frames is not None or is_procedural_video(source)
     if is_video_preset(preset) != video:
         if video:
-            raise IslesError(f"{source} holds clips, {preset} is an image preset", hint="use a video preset: wan-tiny")
+            raise IslesError(
+                f"{source} holds clips, {preset} is an image preset",
+                hint="use a video preset: unet-frames-tiny or wan-tiny",
+            )
         raise IslesError(
             f"{preset} is a video preset, {source} holds images",
             hint="pass --frames N for a source of videos, or pick an image preset",
