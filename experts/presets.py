@@ -92,30 +92,9 @@ PRESETS: dict[str, Preset] = {
         # Text-to-video with a 2D UNet that sees a clip's frames stacked as channels: every output pixel sees the
         # whole clip, so motion is learnt in a few thousand steps on a CPU where wan-micro and wan-tiny learn none.
         # Frames cost channels, so it suits short clips (8-16 pixel frames, or a few latent frames), not Wan's length.
-        Preset(
-            "unet-frames-micro",
-            "unet-frames",
-            base=16,
-            mults=(1, 2, 2),
-            layers_per_block=1,
-            note="video; frames as channels, capacity-limited on a CPU",
-        ),
-        Preset(
-            "unet-frames-tiny",
-            "unet-frames",
-            base=32,
-            mults=(1, 2, 2),
-            layers_per_block=1,
-            note="video; frames as channels, trains on a CPU",
-        ),
-        Preset(
-            "unet-frames-small",
-            "unet-frames",
-            base=64,
-            mults=(1, 2, 2, 2),
-            layers_per_block=2,
-            note="video; frames as channels",
-        ),
+        Preset("unet-frames-micro", "unet-frames", base=16, mults=(1, 2, 2), layers_per_block=1, note="video; CPU"),
+        Preset("unet-frames-tiny", "unet-frames", base=32, mults=(1, 2, 2), layers_per_block=1, note="video; CPU"),
+        Preset("unet-frames-small", "unet-frames", base=64, mults=(1, 2, 2, 2), layers_per_block=2, note="video"),
         Preset("wan-small", "wan", layers=12, heads=6, head_dim=64, patch=2, ffn_dim=1536, note="video"),
         Preset("wan-base", "wan", layers=20, heads=12, head_dim=64, patch=2, ffn_dim=3072, note="video"),
         Preset(
@@ -472,20 +451,14 @@ def model_forward(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tenso
                 b, c, f, h, w = x.shape
                 if f != frames:
                     raise IslesError(f"this model makes clips of {frames} frames, not {f}")
-                out = model(
-                    x.reshape(b, c * f, h, w), timestep, encoder_hidden_states=text.emb,
-                    encoder_attention_mask=text.mask, return_dict=False,
-                )[0]  # fmt: skip
-                return out.reshape(b, c, f, h, w)
+                return _unet_cond_forward(model, x.reshape(b, c * f, h, w), timestep, text).reshape(b, c, f, h, w)
             # Wan has no attention mask: like its own pipeline, zero the caption's padding tokens instead.
             emb = text.emb * text.mask.to(text.emb.dtype)[:, :, None]
             return model(x, timestep, encoder_hidden_states=emb, return_dict=False)[0]
         if x.ndim != 4:
             raise IslesError("this is an image model: it makes images [C, H, W], not clips")
         if type(model).__name__ == "UNet2DConditionModel":
-            return model(
-                x, timestep, encoder_hidden_states=text.emb, encoder_attention_mask=text.mask, return_dict=False
-            )[0]
+            return _unet_cond_forward(model, x, timestep, text)
         return model(
             x,
             encoder_hidden_states=text.emb,
@@ -507,6 +480,10 @@ def model_forward(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tenso
     if is_dit(model):
         return model(x, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
     return model(x, timestep, class_labels=class_labels, return_dict=False)[0]
+
+
+def _unet_cond_forward(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, text) -> torch.Tensor:
+    return model(x, timestep, encoder_hidden_states=text.emb, encoder_attention_mask=text.mask, return_dict=False)[0]
 
 
 def load_model(folder: str | Path) -> torch.nn.Module:
