@@ -2,6 +2,10 @@
 
 Time: flow-matching path x_t = (1 - t) x0 + t eps, t in [0, 1], t = 1 is pure noise, velocity v = eps - x0.
 Data is scaled to [-1, 1] (pixels) or is unit-scale VAE latents. Model timesteps are continuous, `1000 * s`.
+Objectives: "fm" (flow matching, velocity), "ddpm" (DDPM's cosine schedule, eps prediction, as in the DDM paper) and
+"ddpm-v" (the same schedule and process, v prediction: Salimans & Ho 2022, the parameterisation of SD 2 and Imagen
+Video). An eps expert's velocity carries its error times 1 / (1 - t), unbounded at high noise; a v expert's at most
+sqrt(2) times, so a DDPM expert can sit in a flow-matching ensemble without the guards (`expert_velocity`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-OBJECTIVES = ("fm", "ddpm")
+OBJECTIVES = ("fm", "ddpm", "ddpm-v")
 TIMESTEP_SCALE = 1000.0  # models see timesteps in [0, 1000], the range diffusers' sinusoidal embeddings expect
 _COSINE_OFFSET = 0.008  # Nichol & Dhariwal (2021), eq. 17
 _MIN_ONE_MINUS_T = 0.01  # DOMAIN.md: x0_hat = (x_t - t * eps_hat) / max(1 - t, 0.01)
@@ -95,14 +99,27 @@ def expert_velocity(
     ddpm: evaluate at the SNR-matched input (`ddpm_input`), then x0_hat = (x_t - t eps_hat) / max(1 - t, 0.01),
     clamped to [-clip_x0, clip_x0] (`x0_clamp`; None: unclamped); above t = rescale_above (None: never) each item's
     x0_hat is scaled down to RMS 1 where it is larger; v = eps_hat - x0_hat.
+    ddpm-v: at the same input the model predicts v_vp = a eps - s x0 (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)),
+    so x0_hat = a x_vp - s v_vp and eps_hat = s x_vp + a v_vp, exact at every t; x0_hat is clamped as for ddpm (the
+    rescale guards an amplification that v prediction does not have); v = eps_hat - x0_hat.
     """
     check_objective(objective)
     t = t.to(x_t.device, torch.float64 if x_t.dtype == torch.float64 else torch.float32)
     if objective == "fm":
         return model_fn(x_t, t * TIMESTEP_SCALE)
     x_vp, timestep = ddpm_input(x_t, t)
-    eps_hat = model_fn(x_vp.to(x_t.dtype), timestep.to(x_t.device)).to(x_t.dtype)
+    out = model_fn(x_vp.to(x_t.dtype), timestep.to(x_t.device)).to(x_t.dtype)
     te = _expand(t, x_t)
+    if objective == "ddpm-v":
+        # a = (1 - t) / norm and s = t / norm at the SNR-matched point (`ddpm_input`)
+        norm = te.square().add(te.neg().add(1).square()).sqrt()
+        a, s = te.neg().add(1) / norm, te / norm
+        x_vp = x_vp.to(x_t.dtype)
+        eps_hat, x0_hat = s * x_vp + a * out, a * x_vp - s * out
+        if clip_x0 is not None:
+            x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+        return eps_hat - x0_hat
+    eps_hat = out
     x0_hat = (x_t - te * eps_hat) / te.neg().add(1).clamp_min(_MIN_ONE_MINUS_T)
     if clip_x0 is not None:
         x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
@@ -131,6 +148,7 @@ def loss_at(objective: str, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor
     fm (Lipman et al. 2023; Liu et al. 2023): x_t = (1 - t) x0 + t eps, target v = eps - x0.
     ddpm (Ho et al. 2020, eq. 14, cosine schedule): x_s = sqrt(ab(s)) x0 + sqrt(1 - ab(s)) eps, target eps; here
     the uniform draw t plays the role of the schedule position s.
+    ddpm-v: the same x_s, target v = sqrt(ab(s)) eps - sqrt(1 - ab(s)) x0 (Salimans & Ho 2022).
     """
     check_objective(objective)
     te = _expand(t, x0)
@@ -141,7 +159,7 @@ def loss_at(objective: str, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor
     else:
         ab = _expand(cosine_alpha_bar(t.float()), x0)
         x_s = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        target = eps
+        target = eps if objective == "ddpm" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
         pred = model_fn(x_s, t * TIMESTEP_SCALE)
     return torch.mean((pred.float() - target.float()) ** 2)
 

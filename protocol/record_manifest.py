@@ -63,7 +63,7 @@ class ExpertRecipe(TrainingRecipe):
     """How to train the expert of one shard."""
 
     preset: StrictStr
-    objective: Literal["fm", "ddpm"] = "fm"
+    objective: Literal["fm", "ddpm", "ddpm-v"] = "fm"
     channels: PositiveInt
     resolution: PositiveInt
     frames: PositiveInt | None = None  # video: frames per clip (items are [C, F, H, W]); None: images [C, H, W]

@@ -46,7 +46,7 @@ class Expert:
 
     index: int
     model: torch.nn.Module
-    objective: str  # "fm" | "ddpm"
+    objective: str  # "fm" | "ddpm" | "ddpm-v" (experts/objectives.py)
     meta: dict[str, Any] = field(default_factory=dict)  # expert.json: release repo/revision, losses, preset...
 
     def velocity_fn(self, guidance_scale: float = 1.0, clip_x0: float | None = 1.0, null_text=None):

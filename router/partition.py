@@ -25,7 +25,7 @@ from isles.protocol.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES_HELP = "fm, ddpm, or mixed:N (N DDPM experts, the rest flow matching)"
+OBJECTIVES_HELP = "fm, ddpm, ddpm-v, mixed:N or mixed-v:N (N DDPM or DDPM-v experts, the rest flow matching)"
 COPY_CHUNK_BYTES = 64 << 20  # rows copied from the spool into the shards at a time
 MINIBATCH_ABOVE = 20_000  # items; above this, mini-batch k-means (one pass over a sample per step) instead of Lloyd
 
@@ -96,15 +96,17 @@ class PartitionResult:
 
 
 def parse_objectives(spec: str, k: int) -> list[str]:
-    """'fm' | 'ddpm' | 'mixed:N' -> one objective per shard; mixed:N gives DDPM to the first N experts."""
+    """'fm' | 'ddpm' | 'ddpm-v' | 'mixed:N' | 'mixed-v:N' -> one objective per shard; mixed:N gives DDPM (eps
+    prediction) to the first N experts, mixed-v:N DDPM with v prediction."""
     text = spec.strip().lower()
-    if text in ("fm", "ddpm"):
+    if text in ("fm", "ddpm", "ddpm-v"):
         return [text] * k
-    if match := re.fullmatch(r"mixed:(\d+)", text):
-        n = int(match.group(1))
+    if match := re.fullmatch(r"mixed(-v)?:(\d+)", text):
+        n, ddpm = int(match.group(2)), "ddpm-v" if match.group(1) else "ddpm"
         if n > k:
-            raise IslesError(f"mixed:{n} asks for more DDPM experts than the {k} experts", hint=f"use mixed:{k // 2}")
-        return ["ddpm"] * n + ["fm"] * (k - n)
+            raise IslesError(f"{text} asks for more DDPM experts than the {k} experts",
+                             hint=f"use mixed{match.group(1) or ''}:{k // 2}")  # fmt: skip
+        return [ddpm] * n + ["fm"] * (k - n)
     raise IslesError(f"unknown objectives {spec!r}", hint=f"use one of: {OBJECTIVES_HELP}")
 
 

@@ -36,6 +36,14 @@ def optimal_ddpm(x_s: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     return b / (a**2 * SIGMA**2 + b**2) * (x_s - a * MU)
 
 
+def optimal_ddpm_v(x_s: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """E[sqrt(ab) eps - sqrt(1-ab) x0 | x_s] on the cosine schedule (v prediction, Salimans & Ho 2022)."""
+    ab = cosine_alpha_bar((timestep / TIMESTEP_SCALE).to(x_s.dtype)).view(-1, 1, 1, 1)
+    a, b = ab.sqrt(), (1 - ab).sqrt()
+    e_eps = optimal_ddpm(x_s, timestep)
+    return a * e_eps - b * (x_s - b * e_eps) / a.clamp_min(1e-12)
+
+
 def test_optimal_ddpm_and_fm_experts_give_the_same_velocity_at_every_t():
     gen = torch.Generator().manual_seed(0)
     t = torch.cat([torch.tensor([0.0, 1e-4, 0.5, 0.98, 0.99]), torch.linspace(0.01, 0.97, 40)]).double()
@@ -45,6 +53,9 @@ def test_optimal_ddpm_and_fm_experts_give_the_same_velocity_at_every_t():
     v_fm = expert_velocity("fm", optimal_fm, x_t, t)
     v_ddpm = expert_velocity("ddpm", optimal_ddpm, x_t, t)
     torch.testing.assert_close(v_ddpm, v_fm, rtol=1e-6, atol=1e-6)
+    inner = t < 0.99  # at t = 1 alpha_bar = 0 and this closed form of E[v_vp] divides by it; the expert does not
+    v_ddpm_v = expert_velocity("ddpm-v", optimal_ddpm_v, x_t[inner], t[inner])
+    torch.testing.assert_close(v_ddpm_v, v_fm[inner], rtol=1e-6, atol=1e-6)
 
 
 def test_float32_conversion_is_exact_to_float_tolerance():
@@ -75,9 +86,9 @@ def test_euler_sampling_with_the_optimal_velocity_recovers_the_data_distribution
     assert abs(x.std().item() - SIGMA) < 0.01
 
 
-@pytest.mark.parametrize("objective", ["fm", "ddpm"])
+@pytest.mark.parametrize("objective", ["fm", "ddpm", "ddpm-v"])
 def test_the_optimal_expert_has_the_lowest_loss_and_losses_are_reproducible(objective):
-    optimal = optimal_fm if objective == "fm" else optimal_ddpm
+    optimal = {"fm": optimal_fm, "ddpm": optimal_ddpm, "ddpm-v": optimal_ddpm_v}[objective]
     x0 = MU + SIGMA * torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(3))
     loss = training_loss(objective, optimal, x0, torch.Generator().manual_seed(4))
     again = training_loss(objective, optimal, x0, torch.Generator().manual_seed(4))
@@ -115,3 +126,23 @@ def test_the_papers_guards_bound_a_noisy_ddpm_experts_velocity_at_high_noise():
         expert_velocity("ddpm", optimal_ddpm, x_low, low, clip_x0=None),
         expert_velocity("ddpm", optimal_ddpm, x_low, low, clip_x0=None, rescale_above=None),
     )
+
+
+def test_a_v_prediction_experts_velocity_error_stays_bounded_at_high_noise_without_guards():
+    """v = eps_hat - x0_hat = (s - a) x_vp + (a + s) v_hat: an error in v_hat reaches the velocity at most sqrt(2)
+    times at any t, where eps prediction's grows as 1 / (1 - t)."""
+    gen = torch.Generator().manual_seed(5)
+    x0 = MU + SIGMA * torch.randn(256, 1, 4, 4, generator=gen, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    for t_value in (0.1, 0.5, 0.9, 0.99):
+        t = torch.full((256,), t_value, dtype=torch.float64)
+        x_t = (1 - t_value) * x0 + t_value * eps
+        error = 0.1 * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+        exact = expert_velocity("ddpm-v", optimal_ddpm_v, x_t, t, clip_x0=None)
+        noisy_v = expert_velocity("ddpm-v", lambda x, ts, e=error: optimal_ddpm_v(x, ts) + e, x_t, t, clip_x0=None)
+        noisy_eps = expert_velocity("ddpm", lambda x, ts, e=error: optimal_ddpm(x, ts) + e, x_t, t, clip_x0=None,
+                                    rescale_above=None)  # fmt: skip
+        v_error = (noisy_v - exact).pow(2).mean().sqrt() / error.pow(2).mean().sqrt()
+        eps_error = noisy_eps - expert_velocity("ddpm", optimal_ddpm, x_t, t, clip_x0=None, rescale_above=None)
+        assert 1.0 - 1e-9 <= v_error <= 2**0.5 + 1e-9, t_value
+        assert eps_error.pow(2).mean().sqrt() / error.pow(2).mean().sqrt() >= 1 / (1 - t_value) - 1e-6, t_value

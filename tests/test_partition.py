@@ -42,7 +42,9 @@ def test_empty_cluster_is_an_error():
 def test_objectives_spec():
     assert parse_objectives("fm", 3) == ["fm"] * 3
     assert parse_objectives("mixed:2", 4) == ["ddpm", "ddpm", "fm", "fm"]
-    for bad in ("mixed:5", "adam", "mixed:"):
+    assert parse_objectives("mixed-v:1", 3) == ["ddpm-v", "fm", "fm"]
+    assert parse_objectives("ddpm-v", 2) == ["ddpm-v", "ddpm-v"]
+    for bad in ("mixed:5", "adam", "mixed:", "mixed-v:5", "mixed-x:1"):
         with pytest.raises(IslesError):
             parse_objectives(bad, 4)
 

@@ -35,7 +35,9 @@ def partition(
     steps_split: str = typer.Option(
         "equal", "--steps-split", help="equal (every expert --steps) or proportional (to its shard; same total)."
     ),
-    objectives: str = typer.Option("fm", "--objectives", help="fm, ddpm, or mixed:N (N DDPM experts)."),
+    objectives: str = typer.Option(
+        "fm", "--objectives", help="fm, ddpm, ddpm-v, mixed:N or mixed-v:N (N DDPM or DDPM-v experts)."
+    ),
     global_batch: int = typer.Option(64, "--batch", min=1, help="Global batch of every expert."),
     lr: float = typer.Option(2e-4, "--lr", help="Expert learning rate."),
     router_preset: str = typer.Option("cnn-small", "--router-preset", help="cnn-tiny, cnn-small or cnn-base."),

@@ -21,7 +21,9 @@ def train_expert(
     data: str = typer.Option(..., "--data", help="Shard file or source: digits, an image folder, hf:<name>."),
     out: str = typer.Option(..., "--out", help="Output folder (checkpoints/, model/); reused to resume."),
     preset: str = typer.Option("tiny", "--preset", help="Model preset (see `isles presets`)."),
-    objective: str = typer.Option("fm", "--objective", help="fm (flow matching) or ddpm (eps prediction, cosine)."),
+    objective: str = typer.Option(
+        "fm", "--objective", help="fm (flow matching), ddpm (eps prediction, cosine) or ddpm-v (v prediction, cosine)."
+    ),
     steps: int = typer.Option(2000, "--steps", help="Optimizer steps to completion."),
     batch: int = typer.Option(64, "--batch", help="Global batch size (the same on any hardware)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (constant after warmup)."),
