@@ -35,7 +35,16 @@ def open_swarm(config: DHTConfig):
 
 
 def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Event | None = None):
-    """The run's manifest from the DHT; without `run_id`, the swarm's only run. Waits up to `timeout` seconds."""
+    """The run's manifest from the DHT; without `run_id`, the swarm's only run. Waits up to `timeout` seconds.
+    A run that needs a newer isles (`requires_protocol`) is refused with an error naming the upgrade."""
+    manifest = _find_manifest(swarm, run_id, timeout, stop)
+    from isles.protocol.record_manifest import check_protocol
+
+    check_protocol(manifest)
+    return manifest
+
+
+def _find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Event | None):
     deadline = time.monotonic() + timeout
     stop = stop or threading.Event()
     while True:

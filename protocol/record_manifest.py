@@ -25,6 +25,12 @@ if TYPE_CHECKING:
     from .swarm import Swarm
 
 RUN_ID_CHARS = 16  # hex characters of sha256 kept as the run id: 64 bits, enough to never collide by accident
+# The run features this isles understands. A manifest records the lowest version that trains it as its owner meant
+# (`RunManifest.requires_protocol`), and a client that understands less refuses the run (client/run_access.py)
+# instead of training something else: records allow fields they do not know, so an older client would otherwise
+# ignore, say, a text-aware router. 1: class / text / unconditional experts, fm and ddpm; 2: text-aware routers and
+# ddpm-v experts.
+PROTOCOL_VERSION = 2
 ROUTER_UNIT = "router"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # ~10k shards
 
@@ -176,6 +182,14 @@ class RunManifest(Record):
     progress_timeout: StrictFloat = 900.0
     text_encoder: TextEncoderRef | None = None  # set when the experts are text-conditioned
     vae: VaeRef | None = None  # set when the shards hold latents
+    requires_protocol: PositiveInt = 1  # the lowest PROTOCOL_VERSION that trains this run (set by `create`)
+
+    def dict(self, **kwargs) -> dict:
+        # Left out at 1, the version of every manifest from before the field: their run_id hashes a dict without it.
+        out = super().dict(**kwargs)
+        if out.get("requires_protocol", 0) == 1:
+            del out["requires_protocol"]
+        return out
 
     @pydantic.root_validator(skip_on_failure=True)
     def _check_content(cls, values: dict) -> dict:
@@ -193,7 +207,7 @@ class RunManifest(Record):
                 raise ValueError("text-conditioned experts need the manifest's text_encoder, of their text_width")
         if values["router"].text_aware and not all(e.conditioning == "text" for e in values["experts"]):
             raise ValueError("a text-aware router needs text-conditioned experts (captions to read)")
-        expected = compute_run_id(_plain({k: v for k, v in values.items() if k not in UNHASHED}))
+        expected = compute_run_id(hashed_content(values))
         if values["run_id"] != expected:
             raise ValueError(f"run_id {values['run_id']!r} does not match the manifest's content ({expected})")
         if not verify_signature(values["owner"], signed_content(values), values["signature"]):
@@ -215,6 +229,8 @@ class RunManifest(Record):
         are the owner alone unless named."""
         fields = {k: v for k, v in fields.items() if k not in (*UNHASHED, "owner")}
         fields.update(owner=signer.owner_key, aggregators=list(aggregators) or [signer.owner_key])
+        needed = needed_protocol(fields.get("experts", []), fields.get("router"))
+        fields["requires_protocol"] = max(fields.get("requires_protocol", 1), needed)
         draft = _plain(cls.construct(**fields).dict())  # defaults filled in, validators not run yet
         for name in UNHASHED:
             draft.pop(name, None)
@@ -226,9 +242,33 @@ UNHASHED = ("run_id", "signature")
 MAX_AGGREGATORS = 16
 
 
+def needed_protocol(experts: list, router) -> int:
+    """The lowest PROTOCOL_VERSION that trains these recipes as written (see PROTOCOL_VERSION)."""
+    if (router is not None and router.text_aware) or any(e.objective == "ddpm-v" for e in experts):
+        return 2
+    return 1
+
+
+def check_protocol(manifest: RunManifest) -> None:
+    """Refuse a run that needs a newer isles than this one: its recipes would be trained as something else."""
+    if manifest.requires_protocol > PROTOCOL_VERSION:
+        raise IslesError(
+            f"run {manifest.run_id} needs isles protocol {manifest.requires_protocol}; this isles speaks "
+            f"{PROTOCOL_VERSION}",
+            hint="upgrade isles (pip install -U isles) and join again",
+        )
+
+
 def signed_content(fields: dict) -> bytes:
     """The bytes the owner signs: the manifest's canonical JSON without run_id and signature."""
-    return canonical_json(_plain({k: v for k, v in fields.items() if k not in UNHASHED}))
+    return canonical_json(hashed_content(fields))
+
+
+def hashed_content(fields: dict) -> dict:
+    """What run_id and the signature cover: every field but those two, and requires_protocol only above 1 (as
+    `RunManifest.dict` writes it, so manifests from before the field keep their run_id)."""
+    return _plain({k: v for k, v in fields.items()
+                   if k not in UNHASHED and not (k == "requires_protocol" and v == 1)})  # fmt: skip
 
 
 def compute_run_id(fields_without_run_id: dict) -> str:

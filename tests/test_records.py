@@ -31,7 +31,7 @@ _OWNER.forget_key_file()
 
 
 def make_manifest(
-    num_shards: int = 2, name: str = "test-run", owner=None, aggregators=(), router_text: bool = False
+    num_shards: int = 2, name: str = "test-run", owner=None, aggregators=(), router_text: bool = False, **fields
 ) -> RunManifest:
     """A small valid manifest signed by `owner` (an Identity; a throwaway one by default); other tests import it."""
     return RunManifest.create(
@@ -52,11 +52,13 @@ def make_manifest(
             )
             for i in range(num_shards)
         ],
-        experts=[
+        experts=fields.pop("experts", None)
+        or [
             ExpertRecipe(preset="unet-tiny", channels=1, resolution=8, steps=20, global_batch=8, lr=1e-3)
             for _ in range(num_shards)
         ],
         router=RouterRecipe(preset="router-tiny", steps=20, global_batch=8, lr=1e-3, text_aware=router_text),
+        **fields,
     )
 
 
@@ -132,7 +134,7 @@ def test_manifests_from_before_text_aware_routers_keep_their_run_id():
     existed: those manifests (their run_id hashes that form) still load; a text-aware router needs captions."""
     manifest = make_manifest()
     value = manifest.to_value()
-    assert "text_aware" not in value["router"]
+    assert "text_aware" not in value["router"] and "requires_protocol" not in value
     reloaded = RunManifest.parse_obj(value)
     assert reloaded.run_id == manifest.run_id and reloaded.router.text_aware is False
     with pytest.raises(pydantic.ValidationError, match="text-aware router needs text-conditioned experts"):
@@ -172,6 +174,25 @@ def test_manifest_round_trip_and_runs_index(peers):
     assert c.get_manifest(manifest.run_id) == manifest
     assert [e.run_id for e in b.list_runs()] == [manifest.run_id]
     assert b.get_manifest("0" * 16) is None
+
+
+def test_a_run_that_needs_a_newer_isles_is_refused_with_the_upgrade_hint(peers):
+    """Records allow fields they do not know, so without the version an older client would train a newer run's
+    recipes as something else (e.g. a text-aware router as a text-blind one); instead it refuses the run."""
+    from isles.client.run_access import find_manifest
+    from isles.protocol.record_manifest import PROTOCOL_VERSION
+
+    a, b, _ = (Swarm(node) for node in peers)
+    newer, current = make_manifest(requires_protocol=PROTOCOL_VERSION + 1), make_manifest(name="current")
+    assert a.publish_manifest(newer) and a.publish_manifest(current)
+    with pytest.raises(IslesError, match=f"needs isles protocol {PROTOCOL_VERSION + 1}") as err:
+        find_manifest(b, newer.run_id, timeout=30)
+    assert "pip install -U isles" in err.value.hint
+    assert find_manifest(b, current.run_id, timeout=30) == current
+    # What a run uses sets the version its manifest records: a ddpm-v expert needs version 2.
+    experts = [ExpertRecipe(preset="unet-tiny", channels=1, resolution=8, steps=20, global_batch=8, lr=1e-3,
+                            objective=objective) for objective in ("fm", "ddpm-v")]  # fmt: skip
+    assert make_manifest(experts=experts).requires_protocol == 2
 
 
 def test_manifest_that_does_not_match_its_run_id_is_refused(peers):
