@@ -149,6 +149,12 @@ def test_a_unet_frames_expert_is_a_plain_diffusers_unet_that_knows_its_frame_cou
         model_forward(loaded, torch.randn(1, 3, 2, 8, 8), torch.ones(1), text)
     with pytest.raises(IslesError, match="video preset"):
         build_model("unet-frames-micro", 3, 8, text_width=16)  # images
+    # Every full-resolution feature passes through `base` channels a pixel, and at high noise the velocity holds
+    # channels x frames independent values a pixel: a narrower model is refused, naming what fits.
+    with pytest.raises(IslesError, match=r"32 channels wide, narrower than 16 frames of 3 channels stacked \(48") as e:
+        build_model("unet-frames-tiny", 3, 32, text_width=16, frames=16)
+    assert "at most 10 frames" in e.value.hint and "unet-frames-small" in e.value.hint
+    assert build_model("unet-frames-tiny", 3, 32, text_width=16, frames=10).config.in_channels == 30
 
 
 def test_text_and_class_presets_refuse_the_other_conditioning():
