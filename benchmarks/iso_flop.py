@@ -5,7 +5,8 @@ Run: `python benchmarks/iso_flop.py --quick` (a few minutes, what the tests run)
 reported CPU run, 30-45 min a seed on a 2-core machine; run seeds as parallel processes with `--seeds N` and combine
 them with `--merge`); `--preset unet-micro --mono-steps 9600 --curve-points 4` (where the ensemble wins on a CPU);
 larger runs on a GPU with e.g. `--resolution 32 --preset unet-small --mono-steps 40000 --n 2000 --sample-steps 30`.
-Writes <out>/iso_flop.{json,md,png} (iso_flop_quick.* with --quick) and prints the table.
+Writes <out>/iso_flop.{json,md,png} (iso_flop_quick.* with --quick) and prints the table. `--hetero-only yes` trains
+just the all-FM ensemble and the hetero ones with DDPM experts (eps and v prediction) on the detail clusters.
 
 `--video`: the same comparison for text-to-video (Paris 2.0): procedural captioned clips (experts/procedural_video.py),
 Wan transformers prompted with the clips' captions (embedded once by --text-encoder), FVD-style distance on a small
@@ -48,10 +49,11 @@ from isles.router.router_task import RouterTask
 
 log = logging.getLogger("iso_flop")
 BASE_CONFIGS = ("monolith", "top1", "top2", "full", "hetero", "all_fm", "random_shards")
-# Issue 16's questions (image runs): calibrated mixing of the all-FM and the hetero ensembles, DDPM experts on the
-# clusters with the most fine detail, and steps split in proportion to cluster size.
+# Issue 16's questions (image runs): calibrated mixing of the all-FM and the hetero ensembles, DDPM experts (eps or v
+# prediction) on the clusters with the most fine detail, and steps split in proportion to cluster size.
 QUESTION_CONFIGS = ("calibrated_top1", "calibrated_top2", "calibrated", "hetero_calibrated", "hetero_chosen",
-                    "hetero_chosen_calibrated", "proportional", "proportional_calibrated")  # fmt: skip
+                    "hetero_chosen_calibrated", "hetero_v_chosen", "hetero_v_chosen_calibrated", "proportional",
+                    "proportional_calibrated")  # fmt: skip
 # Video runs: the same experts routed by a text-aware router (it reads the prompt; the papers' router does not).
 TEXT_ROUTER_CONFIGS = ("text_top1", "text_top2", "text_full")
 CONFIGS = BASE_CONFIGS + QUESTION_CONFIGS + TEXT_ROUTER_CONFIGS
@@ -89,6 +91,10 @@ class BenchConfig:
     questions: bool = True  # images: also the QUESTION_CONFIGS rows and the sampler sweep
     random_shards: bool = True  # the random-shards row (0: skip it, an ensemble's worth of training less)
     sampler_steps: tuple[int, ...] = (10, 20, 50)  # the sampler sweep: FID per solver and steps (monolith, ensembles)
+    # Images: the hetero question alone, at a third of the cost: the all-FM ensemble and the ensembles with DDPM
+    # experts (eps and v prediction) on the detail clusters; no monolith, largest-cluster hetero, proportional
+    # steps, random shards or sampler sweep. Its all-FM and hetero_chosen rows repeat a full run's of the same seed.
+    hetero_only: bool = False
 
     def routings(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(("top1", "top2", "full", self.routing)))
@@ -212,6 +218,7 @@ def run_seed(
     torch.manual_seed(seed)
     k = config.experts
     questions = config.questions and not config.video
+    hetero_only = config.hetero_only and questions
     c, frames, res, _ = item_layout(data.shape)
     if config.video:
         text_width, text_length = data.text.shape[2], data.text.shape[1]
@@ -269,14 +276,15 @@ def run_seed(
         batch_size=100 if config.video else 250,
     )  # fmt: skip
     rows: dict[str, dict] = {}
-    curve: dict[str, list] = {"monolith": [], f"ensemble_{config.routing}": []}
+    curve: dict[str, list] = {**({} if hetero_only else {"monolith": []}), f"ensemble_{config.routing}": []}
     # 3. Train both sides in stages and evaluate them at each fraction of the budget (the last one is the budget).
     for j in range(1, config.curve_points + 1):
         fraction = j / config.curve_points
-        for model in [mono, *fm, router, *([text_router] if text_router else [])]:
+        for model in [*([] if hetero_only else [mono]), *fm, router, *([text_router] if text_router else [])]:
             model.advance(fraction)
         last = j == config.curve_points
-        mono_row = evaluate(ModelSampler(mono.model, "fm", "monolith", mono_info), reference, ev)[0]
+        mono_row = None if hetero_only else evaluate(ModelSampler(mono.model, "fm", "monolith", mono_info), reference,
+                                                     ev)[0]  # fmt: skip
         ens_flops = sum(e.flops for e in fm) + router.flops
         routings = config.routings() if last else (config.routing,)
         if last and questions:
@@ -284,11 +292,13 @@ def run_seed(
         ens_rows = evaluate(
             _ensemble(fm, ["fm"] * k, router, pipe_config), reference, dataclasses.replace(ev, routings=routings)
         )
-        curve["monolith"].append([mono.flops, mono_row["fid"]])
+        if mono_row is not None:
+            curve["monolith"].append([mono.flops, mono_row["fid"]])
         by_routing = {r["routing"]: r for r in ens_rows}
         curve[f"ensemble_{config.routing}"].append([ens_flops, by_routing[config.routing]["fid"]])
-        if last:
+        if last and mono_row is not None:
             rows["monolith"] = {**mono_row, "train_flops": mono.flops}
+        if last:
             for name in ("top1", "top2", "full"):
                 rows[name] = {**by_routing[name], "train_flops": ens_flops}
             rows["all_fm"] = {**by_routing[config.routing], "train_flops": ens_flops}
@@ -305,28 +315,31 @@ def run_seed(
                 on_row(f"seed {seed}: text-aware router: " + ", ".join(
                     f"{r['routing']} {r['fid']:.3f}" for r in text_rows))  # fmt: skip
         on_row(
-            f"seed {seed}, {fraction:.2f} of budget: monolith FID {mono_row['fid']:.3f}, ensemble "
+            f"seed {seed}, {fraction:.2f} of budget: monolith FID "
+            f"{'-' if mono_row is None else format(mono_row['fid'], '.3f')}, ensemble "
             f"{config.routing} FID {by_routing[config.routing]['fid']:.3f}"
         )
     # 4. Heterogeneous objectives: the first hetero_ddpm experts retrained with DDPM, the rest reused; same router.
-    objectives = ["ddpm"] * config.hetero_ddpm + ["fm"] * (k - config.hetero_ddpm)
-    hetero = list(fm)
-    for i in range(config.hetero_ddpm):
-        task = ExpertTask(km_shards[i], config.preset, "ddpm")
-        hetero[i] = Trained(task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device)
-        hetero[i].advance(1.0)
     ev_one = dataclasses.replace(ev, routings=(config.routing,))
     ev_calibrated = dataclasses.replace(ev, routings=(config.routing, f"calibrated:{config.routing}"))
-    hetero_rows = evaluate(_ensemble(hetero, objectives, router, pipe_config), reference,
-                           ev_calibrated if questions else ev_one)  # fmt: skip
-    rows["hetero"] = {**hetero_rows[0], "train_flops": sum(e.flops for e in hetero) + router.flops}
+    hetero = list(fm)
+    if not hetero_only:
+        objectives = ["ddpm"] * config.hetero_ddpm + ["fm"] * (k - config.hetero_ddpm)
+        for i in range(config.hetero_ddpm):
+            task = ExpertTask(km_shards[i], config.preset, "ddpm")
+            hetero[i] = Trained(task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device)
+            hetero[i].advance(1.0)
+        hetero_rows = evaluate(_ensemble(hetero, objectives, router, pipe_config), reference,
+                               ev_calibrated if questions else ev_one)  # fmt: skip
+        rows["hetero"] = {**hetero_rows[0], "train_flops": sum(e.flops for e in hetero) + router.flops}
+        if questions:
+            rows["hetero_calibrated"] = {**hetero_rows[1], "train_flops": rows["hetero"]["train_flops"]}
     if questions:
-        rows["hetero_calibrated"] = {**hetero_rows[1], "train_flops": rows["hetero"]["train_flops"]}
         # DDPM on the clusters with the most fine detail (the paper's "two chosen clusters"), FM on the rest.
         energy = [detail_energy(sh) for sh in km_shards]
         chosen = sorted(sorted(range(k), key=lambda i: -energy[i])[: config.hetero_ddpm])
         on_row(f"seed {seed}: detail energy per cluster {[round(e, 4) for e in energy]}: DDPM on clusters {chosen}")
-        chosen_models = [hetero[i] if i < config.hetero_ddpm and i in chosen else fm[i] for i in range(k)]
+        chosen_models = [hetero[i] if i in chosen else fm[i] for i in range(k)]
         for i in chosen:
             if chosen_models[i] is fm[i]:
                 task = ExpertTask(km_shards[i], config.preset, "ddpm")
@@ -341,6 +354,20 @@ def run_seed(
         flops = sum(e.flops for e in chosen_models) + router.flops
         rows["hetero_chosen"] = {**chosen_rows[0], "train_flops": flops, "ddpm_clusters": chosen}
         rows["hetero_chosen_calibrated"] = {**chosen_rows[1], "train_flops": flops, "ddpm_clusters": chosen}
+        # The same clusters with v-prediction DDPM experts: the same process and schedule, an exact conversion.
+        v_models = [
+            Trained(ExpertTask(km_shards[i], config.preset, "ddpm-v"), _recipe(config, expert_steps, seed + 1000 * i),
+                    d / f"ddpmv{i}", device) if i in chosen else fm[i]
+            for i in range(k)
+        ]  # fmt: skip
+        for i in chosen:
+            v_models[i].advance(1.0)
+        v_objectives = ["ddpm-v" if i in chosen else "fm" for i in range(k)]
+        v_rows = evaluate(_ensemble(v_models, v_objectives, router, pipe_config), reference, ev_calibrated)
+        flops = sum(e.flops for e in v_models) + router.flops
+        rows["hetero_v_chosen"] = {**v_rows[0], "train_flops": flops, "ddpm_clusters": chosen}
+        rows["hetero_v_chosen_calibrated"] = {**v_rows[1], "train_flops": flops, "ddpm_clusters": chosen}
+    if questions and not hetero_only:
         # The same total expert steps, split in proportion to the shards' sizes (DDM splits them equally).
         sizes = [int((~s.val_mask).sum()) if s.val_mask is not None else len(s) for s in km_shards]
         steps = split_steps(expert_steps, sizes, "proportional")
@@ -358,7 +385,7 @@ def run_seed(
         rows["proportional"] = {**prop_rows[0], "train_flops": flops, "steps": steps}
         rows["proportional_calibrated"] = {**prop_rows[1], "train_flops": flops, "steps": steps}
     # 5. Random sharding: the same recipe on random shards of the same sizes, with its own router.
-    if config.random_shards:
+    if config.random_shards and not hetero_only:
         rand_router = Trained(
             RouterTask(rand_shards, preset=config.router_preset, conditional=not config.video),
             _recipe(config, router_steps, seed, config.router_batch), d / "rand_router", device,
@@ -379,7 +406,7 @@ def run_seed(
     # 6. Samplers: under each ODE solver at a few step counts (FID against expert calls), the all-FM ensemble, the
     #    monolith (so the two sides are compared with the best solver for each) and the proportional-steps ensemble.
     sweep = []
-    if questions:
+    if questions and not hetero_only:
         sweep_models = {
             "ensemble": _ensemble(fm, ["fm"] * k, router, pipe_config),
             "monolith": ModelSampler(mono.model, "fm", "monolith", mono_info),

@@ -222,7 +222,7 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
         assert abs(row["train_flops"] - budget) <= 0.05 * budget, name  # iso-FLOP, router included
     assert result["top1"]["expert_calls_per_sample"] < result["full"]["expert_calls_per_sample"]
     assert result["fid_floor"] < result["monolith"]["fid_mean"]
-    for name in ("calibrated_top1", "hetero_calibrated", "hetero_chosen", "proportional"):
+    for name in ("calibrated_top1", "hetero_calibrated", "hetero_chosen", "hetero_v_chosen", "proportional"):
         assert abs(result[name]["train_flops"] - budget) <= 0.05 * budget, name  # still iso-FLOP
     steps = [s["rows"]["proportional"]["steps"] for s in result["per_seed"]]
     assert all(sum(st) == 3 * result["per_seed"][0]["expert_steps"] and st[0] > st[-1] for st in steps), steps
@@ -242,6 +242,16 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
     assert "| monolith | single |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith | heun | 4 | 7 |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith |" in proc.stdout
+    # --hetero-only: the hetero question alone, on the same experts as the full run's (same seed, same rows).
+    lean = tmp_path / "hetero_only"
+    proc = subprocess.run(args[:3] + ["--out", str(lean), "--cache-dir", str(tmp_path / "cache"), "--seeds", "0",
+                                      "--hetero-only", "yes", "--threads", "1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    only = json.loads((lean / "iso_flop_quick.json").read_text())
+    assert "monolith" not in only["configs"] and "proportional" not in only["configs"] and not only["samplers"]
+    for name in ("all_fm", "hetero_chosen", "hetero_v_chosen_calibrated"):
+        assert only[name]["fid_per_seed"][0] == pytest.approx(result[name]["fid_per_seed"][0], abs=1e-3), name
 
 
 def test_iso_flop_summary_averages_only_the_sampler_rows_every_seed_has():
