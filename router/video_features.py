@@ -25,7 +25,8 @@ from isles.protocol.files import canonical_json
 from . import features
 
 log = logging.getLogger(__name__)
-VERSION = 1  # bump when the architecture or training procedure changes: old cache entries are then ignored
+VERSION = 2  # bump when the architecture or training procedure changes: old cache entries are then ignored
+# 2: trained on one CPU thread (features.load_or_fit), whatever the caller's thread count
 HEADS = {name: len(values) for name, values in procedural_video.attribute_names().items()}  # class, colour, motion
 
 
