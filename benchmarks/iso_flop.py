@@ -319,54 +319,43 @@ def run_seed(
             f"{'-' if mono_row is None else format(mono_row['fid'], '.3f')}, ensemble "
             f"{config.routing} FID {by_routing[config.routing]['fid']:.3f}"
         )
-    # 4. Heterogeneous objectives: the first hetero_ddpm experts retrained with DDPM, the rest reused; same router.
+    # 4. Heterogeneous objectives: the all-FM experts with some clusters' retrained as DDPM; same router. Each
+    #    (cluster, objective) expert is trained once a seed and shared by the ensembles that use it.
     ev_one = dataclasses.replace(ev, routings=(config.routing,))
     ev_calibrated = dataclasses.replace(ev, routings=(config.routing, f"calibrated:{config.routing}"))
-    hetero = list(fm)
-    if not hetero_only:
-        objectives = ["ddpm"] * config.hetero_ddpm + ["fm"] * (k - config.hetero_ddpm)
-        for i in range(config.hetero_ddpm):
-            task = ExpertTask(km_shards[i], config.preset, "ddpm")
-            hetero[i] = Trained(task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device)
-            hetero[i].advance(1.0)
-        hetero_rows = evaluate(_ensemble(hetero, objectives, router, pipe_config), reference,
-                               ev_calibrated if questions else ev_one)  # fmt: skip
-        rows["hetero"] = {**hetero_rows[0], "train_flops": sum(e.flops for e in hetero) + router.flops}
+    swapped_experts: dict[tuple[int, str], Trained] = {}
+
+    def hetero_rows(clusters: list[int], objective: str, ev_rows) -> list[dict]:
+        """Rows (one per routing of ev_rows) of the ensemble whose experts on `clusters` train with `objective`."""
+        models = list(fm)
+        for i in clusters:
+            if (i, objective) not in swapped_experts:
+                task = ExpertTask(km_shards[i], config.preset, objective)
+                folder = d / f"{objective.replace('-', '')}{i}"
+                swapped_experts[i, objective] = Trained(task, _recipe(config, expert_steps, seed + 1000 * i), folder,
+                                                        device)  # fmt: skip
+                swapped_experts[i, objective].advance(1.0)
+            models[i] = swapped_experts[i, objective]
+        objectives = [objective if i in clusters else "fm" for i in range(k)]
+        flops = sum(e.flops for e in models) + router.flops
+        found = evaluate(_ensemble(models, objectives, router, pipe_config), reference, ev_rows)
+        return [{**r, "train_flops": flops} for r in found]
+
+    if not hetero_only:  # DDPM on the first (largest) clusters, as `partition --objectives mixed:N` puts them
+        found = hetero_rows(list(range(config.hetero_ddpm)), "ddpm", ev_calibrated if questions else ev_one)
+        rows["hetero"] = found[0]
         if questions:
-            rows["hetero_calibrated"] = {**hetero_rows[1], "train_flops": rows["hetero"]["train_flops"]}
+            rows["hetero_calibrated"] = found[1]
     if questions:
-        # DDPM on the clusters with the most fine detail (the paper's "two chosen clusters"), FM on the rest.
+        # DDPM on the clusters with the most fine detail (the paper's "two chosen clusters"), FM on the rest; then
+        # the same clusters with v-prediction DDPM experts: the same process and schedule, an exact conversion.
         energy = [detail_energy(sh) for sh in km_shards]
         chosen = sorted(sorted(range(k), key=lambda i: -energy[i])[: config.hetero_ddpm])
         on_row(f"seed {seed}: detail energy per cluster {[round(e, 4) for e in energy]}: DDPM on clusters {chosen}")
-        chosen_models = [hetero[i] if i in chosen else fm[i] for i in range(k)]
-        for i in chosen:
-            if chosen_models[i] is fm[i]:
-                task = ExpertTask(km_shards[i], config.preset, "ddpm")
-                chosen_models[i] = Trained(
-                    task, _recipe(config, expert_steps, seed + 1000 * i), d / f"ddpm{i}", device
-                )
-                chosen_models[i].advance(1.0)
-        chosen_objectives = ["ddpm" if i in chosen else "fm" for i in range(k)]
-        chosen_rows = evaluate(
-            _ensemble(chosen_models, chosen_objectives, router, pipe_config), reference, ev_calibrated
-        )
-        flops = sum(e.flops for e in chosen_models) + router.flops
-        rows["hetero_chosen"] = {**chosen_rows[0], "train_flops": flops, "ddpm_clusters": chosen}
-        rows["hetero_chosen_calibrated"] = {**chosen_rows[1], "train_flops": flops, "ddpm_clusters": chosen}
-        # The same clusters with v-prediction DDPM experts: the same process and schedule, an exact conversion.
-        v_models = [
-            Trained(ExpertTask(km_shards[i], config.preset, "ddpm-v"), _recipe(config, expert_steps, seed + 1000 * i),
-                    d / f"ddpmv{i}", device) if i in chosen else fm[i]
-            for i in range(k)
-        ]  # fmt: skip
-        for i in chosen:
-            v_models[i].advance(1.0)
-        v_objectives = ["ddpm-v" if i in chosen else "fm" for i in range(k)]
-        v_rows = evaluate(_ensemble(v_models, v_objectives, router, pipe_config), reference, ev_calibrated)
-        flops = sum(e.flops for e in v_models) + router.flops
-        rows["hetero_v_chosen"] = {**v_rows[0], "train_flops": flops, "ddpm_clusters": chosen}
-        rows["hetero_v_chosen_calibrated"] = {**v_rows[1], "train_flops": flops, "ddpm_clusters": chosen}
+        for name, objective in (("hetero_chosen", "ddpm"), ("hetero_v_chosen", "ddpm-v")):
+            plain, calibrated = hetero_rows(chosen, objective, ev_calibrated)
+            rows[name] = {**plain, "ddpm_clusters": chosen}
+            rows[f"{name}_calibrated"] = {**calibrated, "ddpm_clusters": chosen}
     if questions and not hetero_only:
         # The same total expert steps, split in proportion to the shards' sizes (DDM splits them equally).
         sizes = [int((~s.val_mask).sum()) if s.val_mask is not None else len(s) for s in km_shards]

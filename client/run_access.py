@@ -13,6 +13,7 @@ from pathlib import Path
 
 from isles.protocol.dht import DHTConfig
 from isles.protocol.errors import IslesError
+from isles.protocol.record_manifest import check_protocol
 
 log = logging.getLogger("isles.run")
 MAX_RUNS_LISTED = 16  # runs index entries looked up when no --run is given
@@ -38,8 +39,6 @@ def find_manifest(swarm, run_id: str | None, timeout: float, stop: threading.Eve
     """The run's manifest from the DHT; without `run_id`, the swarm's only run. Waits up to `timeout` seconds.
     A run that needs a newer isles (`requires_protocol`) is refused with an error naming the upgrade."""
     manifest = _find_manifest(swarm, run_id, timeout, stop)
-    from isles.protocol.record_manifest import check_protocol
-
     check_protocol(manifest)
     return manifest
 

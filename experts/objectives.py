@@ -108,13 +108,13 @@ def expert_velocity(
     if objective == "fm":
         return model_fn(x_t, t * TIMESTEP_SCALE)
     x_vp, timestep = ddpm_input(x_t, t)
-    out = model_fn(x_vp.to(x_t.dtype), timestep.to(x_t.device)).to(x_t.dtype)
+    x_vp = x_vp.to(x_t.dtype)
+    out = model_fn(x_vp, timestep.to(x_t.device)).to(x_t.dtype)
     te = _expand(t, x_t)
     if objective == "ddpm-v":
         # a = (1 - t) / norm and s = t / norm at the SNR-matched point (`ddpm_input`)
         norm = te.square().add(te.neg().add(1).square()).sqrt()
         a, s = te.neg().add(1) / norm, te / norm
-        x_vp = x_vp.to(x_t.dtype)
         eps_hat, x0_hat = s * x_vp + a * out, a * x_vp - s * out
         if clip_x0 is not None:
             x0_hat = x0_hat.clamp(-clip_x0, clip_x0)

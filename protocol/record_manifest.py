@@ -185,11 +185,7 @@ class RunManifest(Record):
     requires_protocol: PositiveInt = 1  # the lowest PROTOCOL_VERSION that trains this run (set by `create`)
 
     def dict(self, **kwargs) -> dict:
-        # Left out at 1, the version of every manifest from before the field: their run_id hashes a dict without it.
-        out = super().dict(**kwargs)
-        if out.get("requires_protocol", 0) == 1:
-            del out["requires_protocol"]
-        return out
+        return _without_default_protocol(super().dict(**kwargs))
 
     @pydantic.root_validator(skip_on_failure=True)
     def _check_content(cls, values: dict) -> dict:
@@ -265,10 +261,16 @@ def signed_content(fields: dict) -> bytes:
 
 
 def hashed_content(fields: dict) -> dict:
-    """What run_id and the signature cover: every field but those two, and requires_protocol only above 1 (as
-    `RunManifest.dict` writes it, so manifests from before the field keep their run_id)."""
-    return _plain({k: v for k, v in fields.items()
-                   if k not in UNHASHED and not (k == "requires_protocol" and v == 1)})  # fmt: skip
+    """What run_id and the signature cover: every field but those two, as `RunManifest.dict` writes them."""
+    return _plain(_without_default_protocol({k: v for k, v in fields.items() if k not in UNHASHED}))
+
+
+def _without_default_protocol(fields: dict) -> dict:
+    """`fields` without requires_protocol where it is 1, the version of every manifest from before the field: their
+    run_id hashes a dict without it, and they must keep it."""
+    if fields.get("requires_protocol") == 1:
+        fields = {k: v for k, v in fields.items() if k != "requires_protocol"}
+    return fields
 
 
 def compute_run_id(fields_without_run_id: dict) -> str:
