@@ -341,12 +341,13 @@ def run_seed(
         found = evaluate(_ensemble(models, objectives, router, pipe_config), reference, ev_rows)
         return [{**r, "train_flops": flops} for r in found]
 
-    if not hetero_only:  # DDPM on the first (largest) clusters, as `partition --objectives mixed:N` puts them
+    # With --hetero-ddpm 0 there is no heterogeneous ensemble: these rows would be the all-FM ensemble again.
+    if not hetero_only and config.hetero_ddpm:  # DDPM on the first (largest) clusters, as `mixed:N` puts them
         found = hetero_rows(list(range(config.hetero_ddpm)), "ddpm", ev_calibrated if questions else ev_one)
         rows["hetero"] = found[0]
         if questions:
             rows["hetero_calibrated"] = found[1]
-    if questions:
+    if questions and config.hetero_ddpm:
         # DDPM on the clusters with the most fine detail (the paper's "two chosen clusters"), FM on the rest; then
         # the same clusters with v-prediction DDPM experts: the same process and schedule, an exact conversion.
         energy = [detail_energy(sh) for sh in km_shards]

@@ -261,6 +261,18 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
     assert "monolith" not in only["configs"] and "proportional" not in only["configs"] and not only["samplers"]
     for name in ("all_fm", "hetero_chosen", "hetero_v_chosen_calibrated"):
         assert only[name]["fid_per_seed"][0] == pytest.approx(result[name]["fid_per_seed"][0], abs=1e-3), name
+    # --hetero-ddpm 0 (the default-budget grid in the README): no DDPM expert is trained and no hetero row written;
+    # the monolith and the proportional ensemble are the full run's.
+    plain = tmp_path / "no_hetero"
+    proc = subprocess.run(args[:3] + ["--out", str(plain), "--cache-dir", str(tmp_path / "cache"), "--seeds", "0",
+                                      "--hetero-ddpm", "0", "--random-shards", "no", "--sampler-steps", "2",
+                                      "--threads", "1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grid = json.loads((plain / "iso_flop_quick.json").read_text())
+    assert not [name for name in grid["per_seed"][0]["rows"] if name.startswith("hetero")]
+    for name in ("monolith", "all_fm", "proportional"):
+        assert grid[name]["fid_per_seed"][0] == pytest.approx(result[name]["fid_per_seed"][0], abs=1e-3), name
 
 
 def test_iso_flop_summary_averages_only_the_sampler_rows_every_seed_has():
