@@ -442,7 +442,8 @@ def summarise(config: BenchConfig, per_seed: list[dict], ref: dict, command: str
         "per_seed": per_seed,
         "curve": {name: [s["curve"][name] for s in per_seed] for name in per_seed[0]["curve"]},
     }  # fmt: skip
-    # With no DDPM experts the hetero rows are the all-FM ensemble again: not reported as hetero.
+    # Runs with no DDPM experts write no hetero rows; files from before that (merged later) hold hetero rows that are
+    # the all-FM ensemble again: not reported as hetero.
     out["configs"] = [name for name in CONFIGS if all(name in s["rows"] for s in per_seed)
                       and not (name.startswith("hetero") and config.hetero_ddpm == 0)]  # fmt: skip
     for name in out["configs"]:

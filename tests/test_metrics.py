@@ -220,10 +220,16 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "iso_flop.py"
-    args = [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
-    proc = subprocess.run(args + ["--threads", "1", "--device", "cpu"], capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "iso_flop_quick.json").read_text())
+
+    def run_quick(out: Path, *extra: str):
+        """`iso_flop.py --quick` into `out` (one feature-network cache for every run): its stdout and its JSON."""
+        args = [sys.executable, str(script), "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                "--threads", "1", "--device", "cpu", *extra]  # fmt: skip
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout, json.loads((out / "iso_flop_quick.json").read_text())
+
+    stdout, result = run_quick(tmp_path)
     budget = result["monolith"]["train_flops"]
     for name in ("monolith", "top1", "top2", "full", "hetero", "all_fm", "random_shards"):
         row = result[name]
@@ -250,26 +256,16 @@ def test_iso_flop_quick_writes_every_configuration(tmp_path):  # and issue 16's 
     assert (tmp_path / "iso_flop_quick_samplers.png").stat().st_size > 1000
     assert "| monolith | single |" in (tmp_path / "iso_flop_quick.md").read_text()
     assert "| monolith | heun | 4 | 7 |" in (tmp_path / "iso_flop_quick.md").read_text()
-    assert "| monolith |" in proc.stdout
+    assert "| monolith |" in stdout
     # --hetero-only: the hetero question alone, on the same experts as the full run's (same seed, same rows).
-    lean = tmp_path / "hetero_only"
-    proc = subprocess.run(args[:3] + ["--out", str(lean), "--cache-dir", str(tmp_path / "cache"), "--seeds", "0",
-                                      "--hetero-only", "yes", "--threads", "1", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    only = json.loads((lean / "iso_flop_quick.json").read_text())
+    _, only = run_quick(tmp_path / "hetero_only", "--seeds", "0", "--hetero-only", "yes")
     assert "monolith" not in only["configs"] and "proportional" not in only["configs"] and not only["samplers"]
     for name in ("all_fm", "hetero_chosen", "hetero_v_chosen_calibrated"):
         assert only[name]["fid_per_seed"][0] == pytest.approx(result[name]["fid_per_seed"][0], abs=1e-3), name
     # --hetero-ddpm 0 (the default-budget grid in the README): no DDPM expert is trained and no hetero row written;
     # the monolith and the proportional ensemble are the full run's.
-    plain = tmp_path / "no_hetero"
-    proc = subprocess.run(args[:3] + ["--out", str(plain), "--cache-dir", str(tmp_path / "cache"), "--seeds", "0",
-                                      "--hetero-ddpm", "0", "--random-shards", "no", "--sampler-steps", "2",
-                                      "--threads", "1", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    grid = json.loads((plain / "iso_flop_quick.json").read_text())
+    _, grid = run_quick(tmp_path / "no_hetero", "--seeds", "0", "--hetero-ddpm", "0", "--random-shards", "no",
+                        "--sampler-steps", "2")  # fmt: skip
     assert not [name for name in grid["per_seed"][0]["rows"] if name.startswith("hetero")]
     for name in ("monolith", "all_fm", "proportional"):
         assert grid[name]["fid_per_seed"][0] == pytest.approx(result[name]["fid_per_seed"][0], abs=1e-3), name
